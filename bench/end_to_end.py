@@ -1,0 +1,147 @@
+"""end-to-end: jobs through the whole system against a simulator with a fixed latency.
+
+Run 1 (saturating): `e2e_jobs` jobs submitted at once in SubmitJobs batches to one
+worker process, the simulator answering after `latency_ms` with its tokens at
+once (tokens_per_second=0, so the model time is the latency). Reported: makespan
+(first created → last finished), jobs/s, the peak number of calls the worker held
+open at the simulator, and per job the overhead
+
+    overhead = (finished − created) − latency
+
+split into the queue wait (started − created: the job waited for a free slot)
+and the worker's own part (finished − started − latency: claim, the HTTP call's
+overhead, token events, the outcome write).
+
+Run 2 (unsaturated): `paced_jobs` single SubmitJob calls at `paced_rate` jobs/s,
+well below what the worker holds, so the overhead is what a job pays when nothing
+waits — DESIGN.md's "overhead p50 under 5 ms when not saturated".
+"""
+
+from __future__ import annotations
+
+import math
+
+from bench.harness import (
+    Context,
+    JobTimes,
+    Result,
+    rounded,
+    submit_load,
+    summarize,
+)
+
+NAME = "end-to-end"
+TITLE = "end-to-end, simulator latency fixed, one worker"
+
+OVERHEAD_P50_TARGET_MS = 5.0
+IN_FLIGHT_TARGET = 1_000
+
+
+def overheads(times: list[JobTimes], latency_s: float) -> dict[str, dict[str, float]]:
+    """Distributions (ms) of total overhead, queue wait and worker overhead of finished jobs."""
+    done = [t for t in times if t.finished is not None and t.started is not None]
+    return {
+        "overhead": summarize(((t.finished or 0) - t.created - latency_s for t in done), 1000.0),
+        "queue_wait": summarize(((t.started or 0) - t.created for t in done), 1000.0),
+        "worker": summarize(
+            ((t.finished or 0) - (t.started or 0) - latency_s for t in done), 1000.0
+        ),
+        "total": summarize(((t.finished or 0) - t.created for t in done), 1000.0),
+    }
+
+
+def makespan_s(times: list[JobTimes]) -> float:
+    finished = [t.finished for t in times if t.finished is not None]
+    if not finished or not times:
+        return math.nan
+    return max(finished) - min(t.created for t in times)
+
+
+async def run(ctx: Context) -> Result:
+    c = ctx.counts
+    result = Result(NAME, TITLE)
+    latency_s = c.latency_ms / 1000.0
+    result.extra.update(
+        latency_ms=c.latency_ms, jobs=c.e2e_jobs, worker_concurrency=ctx.worker_concurrency
+    )
+
+    # Run 1: everything at once.
+    await ctx.reset(worker=True)
+    await ctx.sim_set(latency_ms=c.latency_ms, tokens_per_second=0)
+    reqs = [ctx.request(label="e2e") for _ in range(c.e2e_jobs)]
+    async with ctx.in_flight_sampler() as seen:
+        load = await submit_load(ctx.gateway, reqs, 10, batch_size=100)
+        done = await ctx.wait_finished(load.jobs)
+    times = await ctx.job_times()
+    span = makespan_s(times)
+    dist = overheads(times, latency_s)
+    succeeded = sum(1 for t in times if t.status == "succeeded")
+    ideal = math.ceil(c.e2e_jobs / ctx.worker_concurrency) * latency_s
+    result.add(f"{c.e2e_jobs} jobs, {c.latency_ms:g} ms model: makespan", rounded(span, 2), "s")
+    result.add("  (lower bound: batches of the worker's concurrency)", rounded(ideal, 2), "s")
+    result.add("  throughput", rounded(c.e2e_jobs / span, 0), "jobs/s")
+    enough = c.e2e_jobs >= IN_FLIGHT_TARGET and ctx.worker_concurrency >= IN_FLIGHT_TARGET
+    result.add(
+        "  peak calls in flight (one worker)",
+        seen["peak"],
+        "calls",
+        target=f">= {IN_FLIGHT_TARGET}",
+        met=(seen["peak"] >= IN_FLIGHT_TARGET) if enough else None,
+    )
+    result.add(
+        "  overhead p50 (incl. queue wait)", rounded(dist["overhead"].get("p50", math.nan)), "ms"
+    )
+    result.add(
+        "  overhead p99 (incl. queue wait)", rounded(dist["overhead"].get("p99", math.nan)), "ms"
+    )
+    result.add(
+        "  worker overhead p50 (finished−started−model)",
+        rounded(dist["worker"].get("p50", math.nan)),
+        "ms",
+    )
+    result.add("  worker overhead p99", rounded(dist["worker"].get("p99", math.nan)), "ms")
+    result.add(
+        "  succeeded", succeeded, f"of {c.e2e_jobs}", target="all", met=succeeded == c.e2e_jobs
+    )
+    result.extra["saturated"] = {
+        "makespan_s": span,
+        "finished": done,
+        "submit_s": load.elapsed_s,
+        "peak_in_flight": seen["peak"],
+        "distributions_ms": dist,
+        "statuses": await ctx.counts_by_status(),
+        "simulator": await ctx.sim_stats(),
+    }
+
+    # Run 2: paced below capacity.
+    await ctx.reset(worker=True)
+    await ctx.sim_set(latency_ms=c.latency_ms, tokens_per_second=0)
+    reqs = [ctx.request(label="e2e-paced") for _ in range(c.paced_jobs)]
+    async with ctx.in_flight_sampler() as seen:
+        load = await submit_load(ctx.gateway, reqs, 10, rate=c.paced_rate)
+        await ctx.wait_finished(load.jobs)
+    times = await ctx.job_times()
+    dist = overheads(times, latency_s)
+    p50 = dist["overhead"].get("p50", math.nan)
+    result.add(
+        f"paced {c.paced_rate:g} jobs/s ({c.paced_jobs} jobs): overhead p50",
+        rounded(p50),
+        "ms",
+        target=f"< {OVERHEAD_P50_TARGET_MS:g} ms",
+        met=p50 < OVERHEAD_P50_TARGET_MS,
+    )
+    result.add("  overhead p99", rounded(dist["overhead"].get("p99", math.nan)), "ms")
+    result.add("  of which queue wait p50", rounded(dist["queue_wait"].get("p50", math.nan)), "ms")
+    result.add("  of which worker p50", rounded(dist["worker"].get("p50", math.nan)), "ms")
+    result.extra["paced"] = {
+        "rate": c.paced_rate,
+        "jobs": c.paced_jobs,
+        "peak_in_flight": seen["peak"],
+        "distributions_ms": dist,
+        "statuses": await ctx.counts_by_status(),
+    }
+    result.notes.append(
+        "model time is the simulator's fixed latency (tokens sent at once); "
+        "overhead = finished − created − latency, from the database's timestamps"
+    )
+    return result

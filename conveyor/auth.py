@@ -1,0 +1,264 @@
+"""API keys and callers: which tenant a gRPC call acts for, and with which role.
+
+A key is `cvk_` followed by 43 URL-safe characters (32 random bytes). Only its
+SHA-256 is stored (`api_keys.key_hash`), so a key is shown once, when it is
+created, and a database leak does not leak keys; the lookup is by hash, so no
+constant-time comparison is needed. Keys map to a tenant and a role: `member`
+(the tenant's own jobs) or `admin` (also the statistics of every tenant).
+
+Every gRPC server built by `conveyor.runtime.grpc_server` authenticates calls
+with `AuthInterceptor`: the `authorization: Bearer <key>` metadata is resolved
+(through a small TTL cache) before the handler runs, and the handler reads the
+result with `principal(context)` or `tenant_of(context)`. A call without a key
+acts as `CONVEYOR_ANONYMOUS_TENANT` when that is set (the local stack), and is
+UNAUTHENTICATED otherwise; an unknown or revoked key is always UNAUTHENTICATED.
+Health checking and server reflection stay open, so probes and grpcurl's
+discovery work without a key.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor.db import tenants as db
+from conveyor.db.engine import once_more_on_disconnect
+from conveyor.errors import Unauthenticated
+
+KEY_PREFIX = "cvk_"
+PREFIX_CHARS = 12
+"""Characters of a key kept in clear (`cvk_` and 8 more), to recognise it in listings."""
+ROLES = ("member", "admin")
+ANONYMOUS = "anonymous"
+"""The key name of calls without a key when an anonymous tenant is configured."""
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+"""Tenant names: they appear in queue names and routing keys, so no dots or spaces."""
+OPEN_METHODS = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+"""Services callable without a key."""
+MAX_CACHED = 10_000
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant the call acts for, the key's name and role."""
+
+    tenant: str
+    role: str = "member"
+    key_name: str = ANONYMOUS
+    key_id: uuid.UUID | None = None
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "admin"
+
+    @property
+    def actor(self) -> str:
+        """How the job history names this caller: `<tenant>/<key name>`."""
+        return f"{self.tenant}/{self.key_name}"
+
+
+def generate_key() -> str:
+    """A new random API key."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    """The stored form of a key: hex SHA-256."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_tenant_name(name: str) -> str:
+    """`name` if it is a valid tenant name, else ValueError."""
+    if not TENANT_NAME.match(name):
+        raise ValueError(
+            f"invalid tenant name {name!r}: 1-63 characters, lower-case letters, digits,"
+            " '-' and '_', starting with a letter or digit"
+        )
+    return name
+
+
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "conveyor_principal", default=None
+)
+
+
+def principal(context: grpc.aio.ServicerContext | None = None) -> Principal:
+    """The caller of the current gRPC call, as resolved by AuthInterceptor.
+
+    `context` is the handler's context; the principal itself travels in a
+    context variable of the call's task. Raises Unauthenticated if the call was
+    not authenticated (the server lacks the interceptor).
+    """
+    who = _current.get()
+    if who is None:
+        raise Unauthenticated("the call is not authenticated")
+    return who
+
+
+def tenant_of(context: grpc.aio.ServicerContext | None = None) -> str:
+    """The tenant the current gRPC call acts for (see `principal`)."""
+    return principal(context).tenant
+
+
+def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The key of an `authorization: Bearer <key>` entry; None if there is no such entry.
+
+    Raises Unauthenticated if the entry is there but is not a bearer token.
+    """
+    for name, value in metadata or ():
+        if name.lower() != "authorization":
+            continue
+        text = value.decode(errors="replace") if isinstance(value, bytes) else value
+        scheme, _, token = text.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("the authorization metadata must be `Bearer <api key>`")
+        return token
+    return None
+
+
+class Authenticator:
+    """Resolves API keys to principals, remembering answers for `cache_s` seconds.
+
+    Refusals are remembered too, so a client retrying a wrong key does not cost a
+    query per call. A revoked key stops working within `cache_s`.
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, anonymous_tenant: str | None = None, cache_s: float = 10.0
+    ) -> None:
+        self.engine = engine
+        self.anonymous = (
+            Principal(tenant=anonymous_tenant) if anonymous_tenant is not None else None
+        )
+        self.cache_s = cache_s
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+
+    async def resolve(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Principal:
+        """The caller of a call with this metadata; Unauthenticated if there is none."""
+        key = bearer_key(metadata)
+        if key is None:
+            if self.anonymous is not None:
+                return self.anonymous
+            raise Unauthenticated(
+                "missing API key: send the metadata `authorization: Bearer <key>`"
+            )
+        digest = hash_key(key)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            who = cached[1]
+        else:
+            owner = await once_more_on_disconnect(lambda: db.resolve_key(self.engine, digest))
+            who = (
+                None
+                if owner is None
+                else Principal(
+                    tenant=owner.tenant, role=owner.role, key_name=owner.name, key_id=owner.key_id
+                )
+            )
+            if len(self._cache) >= MAX_CACHED:
+                self._cache.clear()
+            self._cache[digest] = (now + self.cache_s, who)
+        if who is None:
+            raise Unauthenticated("invalid or revoked API key")
+        return who
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Authenticate every call but health and reflection before its handler runs;
+    a refused call ends UNAUTHENTICATED without reaching the handler."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method or ""
+        if handler is None or method.startswith(OPEN_METHODS):
+            return handler
+        resolve = self.authenticator.resolve
+
+        async def authenticate(context: grpc.aio.ServicerContext) -> None:
+            try:
+                who = await resolve(context.invocation_metadata())
+            except Unauthenticated as exc:
+                await context.abort_with_status(exc.to_status())
+            except Exception as exc:  # the key store is unreachable: worth retrying
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"cannot check the API key now: {type(exc).__name__}",
+                )
+            # Each call runs in a task of its own, so the variable is this call's alone.
+            _current.set(who)
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await authenticate(context)
+                return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await authenticate(context)
+                async for item in inner_stream(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                await authenticate(context)
+                return await inner_su(requests, context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        inner_ss = handler.stream_stream
+
+        async def stream_stream(
+            requests: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            await authenticate(context)
+            async for item in inner_ss(requests, context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

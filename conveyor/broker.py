@@ -1,0 +1,254 @@
+"""RabbitMQ: the topology, declared in this one place, and the job messages.
+
+```
+conveyor.jobs (direct) ──<lane>.<tenant>──▶ conveyor.lane.<lane>.<tenant>  (classic, durable,
+                       ──<lane>──────────▶ conveyor.lane.<lane>             x-max-priority, DLX)
+conveyor.dlx (fanout) ─────────▶ conveyor.dead          (dispatcher consumes)
+(default exchange) ────────────▶ conveyor.webhooks      (durable; webhook deliveries,
+                                                         consumed by the notifiers)
+conveyor.events (topic, job.<status|delta>.<tenant>) ──▶ one queue per notifier
+                (control.cancel.<tenant>, control.text.<tenant>, control.tenant.<tenant>,
+                 control.tenants.query) ──▶ one control queue per worker / publisher
+```
+
+Each tenant has its own queue per lane (fair sharing): a worker consumes every
+tenant's queue of its lanes on one channel, and when one of its prefetch slots
+frees up RabbitMQ offers it to those queues in turn (the channel's limiter
+notifies blocked queues in a random rotation), so a tenant's backlog takes its
+share of the workers, not all of them. Priority orders each queue. A tenant's
+queues are declared by the first publisher that needs them, which then
+announces the tenant (`control.tenant.<tenant>`) so that running workers start
+consuming them; a starting worker reads the tenant list from Postgres and asks
+publishers to announce again (`control.tenants.query`). The shared
+`conveyor.lane.<lane>` queues serve CONVEYOR_FAIR_TENANTS=false.
+
+Declaring is idempotent, so every service declares the whole topology at start.
+Lanes are classic queues because quorum queues reject `x-max-priority`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+    DeliveryMode,
+    ExchangeType,
+)
+
+JOBS_EXCHANGE = "conveyor.jobs"
+DEAD_LETTER_EXCHANGE = "conveyor.dlx"
+DEAD_LETTER_QUEUE = "conveyor.dead"
+EVENTS_EXCHANGE = "conveyor.events"
+WEBHOOKS_QUEUE = "conveyor.webhooks"
+"""Webhook deliveries due now (a delivery id per message), relayed from Postgres."""
+JOB_CONTENT_TYPE = "application/vnd.conveyor.job+json"
+PUBLISHED_AT_HEADER = "x-conveyor-published-at-ns"
+"""Header with the publish time (ns since the epoch): the worker measures queue wait from it."""
+
+
+def lane_queue(lane: str) -> str:
+    """Name of the queue shared by every tenant's jobs of a lane (fairness off)."""
+    return f"conveyor.lane.{lane}"
+
+
+def tenant_lane_queue(lane: str, tenant: str) -> str:
+    """Name of the queue that holds one tenant's jobs of a lane."""
+    return f"conveyor.lane.{lane}.{tenant}"
+
+
+def job_routing_key(lane: str, tenant: str | None) -> str:
+    """Routing key of a job on `conveyor.jobs`: its tenant's lane queue, or the shared one."""
+    return lane if tenant is None else f"{lane}.{tenant}"
+
+
+def lane_of(routing_key: str | None) -> str:
+    """The lane of a job's routing key (`<lane>` or `<lane>.<tenant>`)."""
+    return (routing_key or "").split(".", 1)[0]
+
+
+def event_routing_key(kind: str, tenant: str) -> str:
+    """Routing key on the events exchange: `job.<status|delta>.<tenant>`."""
+    return f"job.{kind}.{tenant}"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The exchanges and queues every service shares."""
+
+    jobs: AbstractExchange
+    dead_letters: AbstractExchange
+    events: AbstractExchange
+    lanes: dict[str, AbstractQueue]
+    dead_queue: AbstractQueue
+    webhooks: AbstractQueue
+
+
+async def connect(url: str, name: str) -> AbstractRobustConnection:
+    """A connection that reconnects by itself after a broker restart."""
+    return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+
+
+async def declare_topology(
+    channel: AbstractChannel, lanes: tuple[str, ...], max_priority: int
+) -> Topology:
+    """Declare (idempotently) every exchange and queue, and bind them."""
+    jobs = await channel.declare_exchange(JOBS_EXCHANGE, ExchangeType.DIRECT, durable=True)
+    dlx = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, ExchangeType.FANOUT, durable=True)
+    events = await channel.declare_exchange(EVENTS_EXCHANGE, ExchangeType.TOPIC, durable=True)
+    dead_queue = await channel.declare_queue(
+        DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "classic"}
+    )
+    await dead_queue.bind(dlx, routing_key="")
+    webhooks = await channel.declare_queue(
+        WEBHOOKS_QUEUE, durable=True, arguments={"x-queue-type": "classic"}
+    )
+    queues: dict[str, AbstractQueue] = {}
+    for lane in lanes:
+        queue = await channel.declare_queue(
+            lane_queue(lane), durable=True, arguments=_lane_arguments(max_priority)
+        )
+        await queue.bind(jobs, routing_key=lane)
+        queues[lane] = queue
+    return Topology(
+        jobs=jobs,
+        dead_letters=dlx,
+        events=events,
+        lanes=queues,
+        dead_queue=dead_queue,
+        webhooks=webhooks,
+    )
+
+
+def _lane_arguments(max_priority: int) -> dict[str, Any]:
+    return {
+        "x-queue-type": "classic",
+        "x-max-priority": max_priority,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+    }
+
+
+async def declare_tenant_lanes(
+    channel: AbstractChannel, tenant: str, lanes: tuple[str, ...], max_priority: int
+) -> dict[str, AbstractQueue]:
+    """Declare (idempotently) a tenant's queue of every lane, bound to `conveyor.jobs`."""
+    jobs = await channel.declare_exchange(JOBS_EXCHANGE, ExchangeType.DIRECT, durable=True)
+    queues: dict[str, AbstractQueue] = {}
+    for lane in lanes:
+        queue = await channel.declare_queue(
+            tenant_lane_queue(lane, tenant), durable=True, arguments=_lane_arguments(max_priority)
+        )
+        await queue.bind(jobs, routing_key=job_routing_key(lane, tenant))
+        queues[lane] = queue
+    return queues
+
+
+@dataclass(frozen=True)
+class JobMessage:
+    """What a lane queue carries: a pointer to the job row, not the request."""
+
+    job_id: uuid.UUID
+    tenant: str
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"job_id": str(self.job_id), "tenant": self.tenant})
+
+    @classmethod
+    def decode(cls, body: bytes) -> JobMessage:
+        """Parse a message body; raises ValueError when it is not a job message."""
+        try:
+            data = orjson.loads(body)
+            return cls(job_id=uuid.UUID(data["job_id"]), tenant=str(data["tenant"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a job message: {exc}") from exc
+
+
+def job_amqp_message(
+    message: JobMessage, priority: int, headers: dict[str, Any] | None = None
+) -> aio_pika.Message:
+    """The persistent AMQP message that queues one job."""
+    return aio_pika.Message(
+        body=message.encode(),
+        content_type=JOB_CONTENT_TYPE,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        priority=priority,
+        message_id=str(message.job_id),
+        headers=headers or {},
+    )
+
+
+async def publish_job(
+    exchange: AbstractExchange,
+    message: JobMessage,
+    lane: str,
+    priority: int,
+    headers: dict[str, Any] | None = None,
+    routing_key: str | None = None,
+) -> None:
+    """Publish a job to its lane (its tenant's queue with `routing_key`) and wait for
+    the broker's confirm."""
+    await exchange.publish(
+        job_amqp_message(message, priority, headers),
+        routing_key=routing_key or lane,
+        mandatory=True,
+    )
+
+
+def cancel_routing_key(tenant: str) -> str:
+    """Routing key of the control message asking workers to abort a running job."""
+    return f"control.cancel.{tenant}"
+
+
+CANCEL_BINDING = "control.cancel.#"
+
+
+async def publish_cancel(events: AbstractExchange, job_id: uuid.UUID, tenant: str) -> None:
+    """Tell every worker to abort the job if it is running it."""
+    await events.publish(
+        aio_pika.Message(body=str(job_id).encode(), delivery_mode=DeliveryMode.NOT_PERSISTENT),
+        routing_key=cancel_routing_key(tenant),
+        mandatory=False,
+    )
+
+
+TENANT_ANNOUNCE_BINDING = "control.tenant.*"
+TENANTS_QUERY_KEY = "control.tenants.query"
+
+
+def tenant_announce_key(tenant: str) -> str:
+    """Routing key of the announcement that a tenant's lane queues exist."""
+    return f"control.tenant.{tenant}"
+
+
+async def announce_tenant(events: AbstractExchange, tenant: str) -> None:
+    """Tell the workers that `tenant` has lane queues to consume."""
+    await events.publish(
+        aio_pika.Message(body=tenant.encode(), delivery_mode=DeliveryMode.NOT_PERSISTENT),
+        routing_key=tenant_announce_key(tenant),
+        mandatory=False,
+    )
+
+
+async def ask_for_tenants(events: AbstractExchange) -> None:
+    """Ask every publisher to announce the tenants it has declared (a worker starting)."""
+    await events.publish(
+        aio_pika.Message(body=b"", delivery_mode=DeliveryMode.NOT_PERSISTENT),
+        routing_key=TENANTS_QUERY_KEY,
+        mandatory=False,
+    )
+
+
+TEXT_REQUEST_BINDING = "control.text.#"
+"""Workers bind this: a notifier asks for the text so far of a running attempt."""
+
+
+def text_request_key(tenant: str) -> str:
+    """Routing key of a notifier's request for a running attempt's text so far."""
+    return f"control.text.{tenant}"

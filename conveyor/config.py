@@ -1,0 +1,216 @@
+"""One settings object for every service, read from environment variables.
+
+Every variable is `CONVEYOR_<FIELD>` (e.g. `CONVEYOR_AMQP_URL`), except the
+provider's own `ANTHROPIC_API_KEY` / `ANTHROPIC_BASE_URL` and the standard
+`OTEL_*` variables, which keep their usual names. The defaults work against the
+RabbitMQ and Postgres of a developer machine.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LANES: tuple[str, ...] = ("interactive", "default", "bulk")
+"""The lanes (queues) a job can run in; each is a RabbitMQ priority queue."""
+
+
+class Settings(BaseSettings):
+    """Configuration of Conveyor; see README "Configuration" for the table."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
+
+    # Backing services.
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    database_url: SecretStr = SecretStr("postgresql+asyncpg://postgres@127.0.0.1:5432/conveyor")
+    db_pool_size: int = 10
+    migrate_on_start: bool = False
+
+    # Listeners.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 50051
+    notifier_host: str = "127.0.0.1"
+    notifier_port: int = 50052
+    simulator_host: str = "127.0.0.1"
+    simulator_port: int = 8765
+
+    # Jobs.
+    lanes: tuple[str, ...] = LANES
+    default_lane: str = "default"
+    default_max_attempts: int = 3
+    default_timeout_s: float = 600.0
+    max_priority: int = 9
+
+    # Worker.
+    worker_lanes: tuple[str, ...] = LANES
+    worker_concurrency: int = Field(default=256, ge=1)
+    worker_heartbeat_s: float = 5.0
+    worker_shutdown_grace_s: float = 30.0
+    retry_base_s: float = 1.0
+    retry_cap_s: float = 60.0
+
+    # Dispatcher.
+    lease_s: float = 30.0
+    """A running job whose heartbeat is older than this is handed back to the queue."""
+    outbox_after_s: float = 5.0
+    """A pending job unconfirmed by the broker for this long is published again."""
+    dispatcher_interval_s: float = 0.5
+
+    # Authentication, TLS and tenants.
+    anonymous_tenant: str | None = None
+    """Tenant of calls that carry no API key. Unset (the default): such calls are
+    UNAUTHENTICATED. `make up` sets it so that key-less local calls work; a wrong key
+    is refused whatever this says."""
+    auth_cache_s: float = 10.0
+    """How long a process remembers a resolved (or refused) API key; a revoked key
+    stops working within this time."""
+    tls_cert_file: Path | None = None
+    """PEM certificate chain of the gRPC servers; with tls_key_file, they serve TLS only."""
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    """With it, clients must present a certificate signed by this CA (mutual TLS)."""
+    fair_tenants: bool = True
+    """Each tenant gets its own queue per lane and workers take from them in turn, so one
+    tenant's backlog does not hold up another's jobs. Off: one shared queue per lane."""
+    tenant_refresh_s: float = 10.0
+    """How often a worker re-reads the tenant list (new tenants are also announced)."""
+    tenant_submit_per_minute: int = Field(default=0, ge=0)
+    """Default submit quota of a tenant (jobs per minute, 0 = unlimited); the tenants
+    table overrides it per tenant."""
+
+    # Input limits (requests beyond them are INVALID_ARGUMENT).
+    max_prompt_chars: int = Field(default=1_000_000, ge=1)
+    """System prompt and message texts together."""
+    max_messages: int = Field(default=1000, ge=1)
+    max_output_tokens: int = Field(default=128_000, ge=1)
+    """Upper bound of max_tokens."""
+    max_metadata_chars: int = Field(default=256, ge=1)
+    """Length of each metadata value (the Messages API takes only `user_id`)."""
+    max_labels: int = Field(default=32, ge=0)
+    max_label_chars: int = Field(default=256, ge=1)
+    """Length of each label key and value."""
+    max_webhook_url_chars: int = Field(default=2048, ge=1)
+    allowed_models: tuple[str, ...] = ()
+    """Model names accepted (shell-style patterns, e.g. `claude-*`); empty: any well-formed name."""
+
+    # Provider rate limits, shared by every worker through Postgres token buckets.
+    rate_limits: dict[str, dict[str, float]] = {}
+    """Per model, e.g. `{"claude-sonnet-4-5": {"requests_per_minute": 50,
+    "input_tokens_per_minute": 30000, "output_tokens_per_minute": 8000}}`; `*` applies
+    to every model. The limits learned from the provider's headers lower these."""
+    rate_limit_learn: bool = True
+    """Learn limits from the provider's `anthropic-ratelimit-*` response headers."""
+    rate_limit_burst_s: float = Field(default=1.0, gt=0)
+    """Bucket capacity, in seconds of the per-minute rate: how much may go at once."""
+    rate_limit_batch_s: float = Field(default=0.25, gt=0)
+    """A worker takes this many seconds' worth of budget per database round trip."""
+
+    # Notifier: watch streams.
+    notifier_watch_buffer: int = Field(default=4096, ge=16)
+    """Events queued for one watch stream; a reader that falls further behind is cut
+    off with RESOURCE_EXHAUSTED and resumes from its last sequence number."""
+    notifier_max_watches: int = Field(default=10_000, ge=1)
+    """Open WatchJob/WatchJobs streams per notifier; more are RESOURCE_EXHAUSTED."""
+    notifier_job_log_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    """Recent token deltas kept per running job (for resumes); older ones are dropped."""
+    notifier_logs_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
+    """Token deltas kept over all jobs; beyond it the biggest buffers are trimmed."""
+    notifier_log_linger_s: float = 60.0
+    """How long a job's deltas are kept after its attempt ended."""
+    notifier_catchup_timeout_s: float = 2.0
+    """How long to wait for the worker's text so far when no buffer covers a resume."""
+    notifier_idle_check_s: float = 5.0
+    """A quiet watch re-reads its jobs this often (catches changes a bus outage hid)."""
+
+    # Webhooks (delivered by the notifier).
+    webhook_secret: SecretStr | None = None
+    """HMAC-SHA256 key that signs every webhook. Unset: deliveries fail (never unsigned)."""
+    webhook_allow_private: bool = False
+    """Allow URLs resolving to loopback, private, link-local or reserved addresses."""
+    webhook_allow_cidrs: tuple[str, ...] = ()
+    """Networks allowed although not public, e.g. `["10.1.0.0/16"]` (JSON list)."""
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    """Limit on one attempt: connect, send, and the receiver's answer."""
+    webhook_retry_base_s: float = Field(default=1.0, gt=0)
+    webhook_retry_cap_s: float = Field(default=600.0, gt=0)
+    webhook_retry_window_s: float = Field(default=24 * 3600.0, gt=0)
+    """A delivery not answered with a 2xx this long after its event is given up (failed)."""
+    webhook_concurrency: int = Field(default=64, ge=1)
+    """Attempts in flight per notifier (the queue's prefetch)."""
+    webhook_per_host: int = Field(default=8, ge=1)
+    """Attempts in flight per receiving host; more wait, so one slow host cannot take
+    every slot."""
+    webhook_poll_s: float = Field(default=0.25, gt=0)
+    """How often the relay looks for due deliveries (new ones and retries)."""
+    webhook_republish_after_s: float = Field(default=300.0, gt=0)
+    """A queued delivery with no attempt for this long is queued again (lost message)."""
+
+    # Provider. Without an API key the worker talks to the bundled simulator.
+    anthropic_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("ANTHROPIC_API_KEY", "CONVEYOR_ANTHROPIC_API_KEY"),
+    )
+    anthropic_base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "CONVEYOR_ANTHROPIC_BASE_URL"),
+    )
+    anthropic_max_retries: int = 0
+
+    # Observability. Tracing itself is configured by the standard OTEL_* variables.
+    metrics_host: str = "127.0.0.1"
+    gateway_metrics_port: int = 9101
+    notifier_metrics_port: int = 9102
+    worker_metrics_port: int = 9103
+    dispatcher_metrics_port: int = 9104
+    jaeger_url: str | None = None
+    """Base URL of a Jaeger UI; the CLI then prints a link to each job's trace."""
+
+    # Local stack.
+    run_dir: Path = Path("run")
+    log_level: str = "INFO"
+    log_json: bool | None = None
+    """JSON log lines; None means JSON unless stderr is a terminal."""
+
+    @field_validator("anonymous_tenant", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def tls(self) -> bool:
+        """Whether the gRPC servers serve TLS."""
+        return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    @property
+    def provider_base_url(self) -> str:
+        """Where the worker sends Messages API calls."""
+        if self.anthropic_base_url:
+            return self.anthropic_base_url
+        if self.anthropic_api_key is not None:
+            return "https://api.anthropic.com"
+        return f"http://{self.simulator_host}:{self.simulator_port}"
+
+    def metrics_port(self, service: str) -> int:
+        """The Prometheus port of a service (0: no metrics endpoint)."""
+        return int(getattr(self, f"{service}_metrics_port", 0))
+
+    @property
+    def gateway_target(self) -> str:
+        return f"{self.gateway_host}:{self.gateway_port}"
+
+    @property
+    def notifier_target(self) -> str:
+        return f"{self.notifier_host}:{self.notifier_port}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()
+
+
+DEFAULT_TENANT = "default"
+"""The development tenant: `make up` gives it a key and lets key-less calls act as it."""

@@ -1,0 +1,1 @@
+"""Postgres access: the schema, the engine, and the job state transitions."""

@@ -1,0 +1,112 @@
+"""The async SQLAlchemy engine (asyncpg driver), database creation and migrations."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import asyncpg
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from conveyor.telemetry import exporting
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+T = TypeVar("T")
+
+
+def asyncpg_url(url: str) -> str:
+    """The SQLAlchemy URL for `url`, with the asyncpg driver whatever was given."""
+    return make_url(url).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Whether a database error means the connection (or the server) went away."""
+    if isinstance(exc, OSError | ConnectionError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(
+        exc.connection_invalidated or "connect" in str(exc).lower()
+    )
+
+
+async def once_more_on_disconnect(op: Callable[[], Awaitable[T]]) -> T:
+    """Run `op`; if its connection was dead, run it once more on a fresh one.
+
+    Without pre-ping, the first use of a pool after a Postgres restart fails;
+    SQLAlchemy then discards the pool's stale connections, so one retry suffices.
+    """
+    try:
+        return await op()
+    except Exception as exc:
+        if not is_disconnect(exc):
+            raise
+        return await op()
+
+
+def create_engine(url: str, pool_size: int = 10, pre_ping: bool = False) -> AsyncEngine:
+    """An engine whose pool recovers from a Postgres restart, traced when exporting.
+
+    It runs in autocommit: every write Conveyor makes is one statement (a transition
+    and its history row travel in one CTE), atomic by itself, so BEGIN and COMMIT
+    would only add round trips. Services leave `pre_ping` off (it costs a round trip
+    per checkout) and retry a disconnect instead; tools that cannot retry turn it on.
+    """
+    engine = create_async_engine(
+        asyncpg_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        # Without pre-ping a connection found dead raises a disconnect error; SQLAlchemy
+        # then refreshes the pool and callers retry (see once_more_on_disconnect).
+        pool_pre_ping=pre_ping,
+        isolation_level="AUTOCOMMIT",
+        pool_recycle=1800,
+    )
+    if exporting():
+        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+        SQLAlchemyInstrumentor().instrument(
+            engine=engine.sync_engine, enable_commenter=False, skip_dep_check=True
+        )
+    return engine
+
+
+async def ensure_database(url: str) -> bool:
+    """Create the database named in `url` if it does not exist; True if created."""
+    parsed = make_url(url)
+    name = parsed.database
+    if not name:
+        raise ValueError("database URL names no database")
+    admin = await asyncpg.connect(
+        host=parsed.host or "127.0.0.1",
+        port=parsed.port or 5432,
+        user=parsed.username or "postgres",
+        password=parsed.password,
+        database="postgres",
+    )
+    try:
+        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if exists:
+            return False
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        return True
+    finally:
+        await admin.close()
+
+
+def alembic_config(url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", asyncpg_url(url).replace("%", "%%"))
+    return cfg
+
+
+async def migrate(url: str, revision: str = "head") -> None:
+    """Create the database if needed and apply the Alembic migrations up to `revision`."""
+    await ensure_database(url)
+    # Alembic's async env runs its own event loop, so it gets a thread of its own.
+    await asyncio.to_thread(command.upgrade, alembic_config(url), revision)

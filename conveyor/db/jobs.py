@@ -1,0 +1,760 @@
+"""Job rows and their state transitions.
+
+Every transition is one conditional statement (`WHERE id = :id AND status = ANY(...)`,
+plus the lease for a worker's writes), issued together with its history row in
+the same round trip, so a redelivered message or a worker whose lease was taken
+over cannot move a job it does not own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from conveyor.db.schema import job_events, jobs
+from conveyor.states import JobState
+
+Row = Mapping[str, Any]
+
+
+LOST_ATTEMPT_SEQ_GAP = 1_000_000
+"""Sequence numbers skipped when a running attempt ends without its worker (stalled-job
+recovery, a dead letter): the worker numbered its token deltas after the RUNNING event
+without telling Postgres, so the next event must come after any of them (an attempt
+sends at most max_tokens <= 128,000 deltas)."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class NewJob:
+    """A validated job, ready to insert."""
+
+    tenant: str
+    model: str
+    request: dict[str, Any]
+    lane: str
+    priority: int
+    max_attempts: int
+    timeout_ms: int
+    request_hash: str
+    idempotency_key: str | None = None
+    webhook_url: str | None = None
+    webhook_all_events: bool = False
+    """POST every status change to webhook_url, not only terminal ones."""
+    labels: dict[str, str] = field(default_factory=dict)
+    run_at: datetime | None = None
+    trace_id: str | None = None
+    traceparent: str | None = None
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an attempt produced, written by the worker under its lease."""
+
+    status: JobState
+    result_text: str | None = None
+    stop_reason: str | None = None
+    usage: Mapping[str, int] | None = None
+    error: Mapping[str, Any] | None = None
+    dead_reason: str | None = None
+    retry_in_s: float | None = None
+    """For a retry: the wait, counted from the moment this outcome is written."""
+
+
+def _values(job: NewJob, now: datetime) -> dict[str, Any]:
+    scheduled = job.run_at is not None and job.run_at > now
+    return {
+        "id": job.id,
+        "tenant": job.tenant,
+        "status": (JobState.SCHEDULED if scheduled else JobState.PENDING).value,
+        "lane": job.lane,
+        "priority": job.priority,
+        "model": job.model,
+        "request": job.request,
+        "labels": job.labels,
+        "idempotency_key": job.idempotency_key,
+        "request_hash": job.request_hash,
+        "max_attempts": job.max_attempts,
+        "timeout_ms": job.timeout_ms,
+        "webhook_url": job.webhook_url,
+        "webhook_all_events": job.webhook_all_events,
+        "run_at": job.run_at,
+        "trace_id": job.trace_id,
+        "traceparent": job.traceparent,
+        "seq": 1,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+_INSERT = sa.text(
+    """
+WITH ins AS (
+  INSERT INTO jobs (id, tenant, status, lane, priority, model, request, labels, idempotency_key,
+                    request_hash, max_attempts, timeout_ms, webhook_url, run_at, trace_id,
+                    traceparent, webhook_all_events, seq, created_at, updated_at)
+  SELECT j.id, j.tenant, j.status, j.lane, j.priority, j.model, j.request::jsonb, j.labels::jsonb,
+         j.idempotency_key, j.request_hash, j.max_attempts, j.timeout_ms, j.webhook_url, j.run_at,
+         j.trace_id, j.traceparent, j.webhook_all_events, 1, :now, :now
+    FROM unnest(:ids, :tenants, :statuses, :lanes, :priorities, :models, :requests, :labels,
+                :keys, :hashes, :max_attempts, :timeouts, :webhooks, :run_ats, :trace_ids,
+                :traceparents, :webhook_all)
+      AS j(id, tenant, status, lane, priority, model, request, labels, idempotency_key,
+           request_hash, max_attempts, timeout_ms, webhook_url, run_at, trace_id, traceparent,
+           webhook_all_events)
+  ON CONFLICT ON CONSTRAINT jobs_tenant_idempotency_key DO NOTHING
+  RETURNING *
+), ev AS (
+  INSERT INTO job_events (job_id, seq, status, previous, attempt, detail, created_at, actor)
+  SELECT id, 1, status, NULL, 0, NULL, created_at, :actor FROM ins
+)
+SELECT * FROM ins
+"""
+).bindparams(
+    sa.bindparam("now", type_=sa.DateTime(timezone=True)),
+    sa.bindparam("actor", type_=sa.Text()),
+    sa.bindparam("ids", type_=sa.ARRAY(UUID(as_uuid=True))),
+    *(
+        sa.bindparam(name, type_=sa.ARRAY(sa.Text))
+        for name in (
+            "tenants",
+            "statuses",
+            "lanes",
+            "models",
+            "requests",
+            "labels",
+            "keys",
+            "hashes",
+            "webhooks",
+            "trace_ids",
+            "traceparents",
+        )
+    ),
+    *(
+        sa.bindparam(name, type_=sa.ARRAY(sa.Integer))
+        for name in ("priorities", "max_attempts", "timeouts")
+    ),
+    sa.bindparam("run_ats", type_=sa.ARRAY(sa.DateTime(timezone=True))),
+    sa.bindparam("webhook_all", type_=sa.ARRAY(sa.Boolean)),
+)
+
+
+async def insert_jobs(
+    conn: AsyncConnection, new_jobs: Sequence[NewJob], actor: str | None = None
+) -> list[Row]:
+    """Insert jobs and their first history rows (naming `actor`, who submitted them) in
+    one statement, skipping those whose (tenant, idempotency key) exists.
+
+    Returns the rows inserted (in no particular order); a job absent from the
+    result collided with an earlier job's idempotency key. One statement of a fixed
+    shape whatever the batch size, so it is prepared once.
+    """
+    now = utcnow()
+    values = [_values(j, now) for j in new_jobs]
+    params = {
+        "now": now,
+        "actor": actor,
+        "ids": [v["id"] for v in values],
+        "tenants": [v["tenant"] for v in values],
+        "statuses": [v["status"] for v in values],
+        "lanes": [v["lane"] for v in values],
+        "priorities": [v["priority"] for v in values],
+        "models": [v["model"] for v in values],
+        "requests": [orjson.dumps(v["request"]).decode() for v in values],
+        "labels": [orjson.dumps(v["labels"]).decode() for v in values],
+        "keys": [v["idempotency_key"] for v in values],
+        "hashes": [v["request_hash"] for v in values],
+        "max_attempts": [v["max_attempts"] for v in values],
+        "timeouts": [v["timeout_ms"] for v in values],
+        "webhooks": [v["webhook_url"] for v in values],
+        "run_ats": [v["run_at"] for v in values],
+        "trace_ids": [v["trace_id"] for v in values],
+        "traceparents": [v["traceparent"] for v in values],
+        "webhook_all": [v["webhook_all_events"] for v in values],
+    }
+    rows: list[Row] = [dict(r) for r in (await conn.execute(_INSERT, params)).mappings()]
+    return rows
+
+
+async def get_by_idempotency_key(conn: AsyncConnection, tenant: str, key: str) -> Row | None:
+    stmt = sa.select(jobs).where(jobs.c.tenant == tenant, jobs.c.idempotency_key == key)
+    row = (await conn.execute(stmt)).mappings().first()
+    return dict(row) if row else None
+
+
+async def get_job(
+    conn: AsyncConnection, job_id: uuid.UUID, tenant: str | None = None
+) -> Row | None:
+    """The job, or None; with a tenant, another tenant's job is None too."""
+    stmt = sa.select(jobs).where(jobs.c.id == job_id)
+    if tenant is not None:
+        stmt = stmt.where(jobs.c.tenant == tenant)
+    row = (await conn.execute(stmt)).mappings().first()
+    return dict(row) if row else None
+
+
+async def mark_published(engine: AsyncEngine, job_ids: Sequence[uuid.UUID]) -> None:
+    """Record that the broker confirmed these jobs' messages (the outbox is cleared)."""
+    if not job_ids:
+        return
+    async with engine.connect() as conn:
+        await conn.execute(
+            sa.update(jobs)
+            .where(jobs.c.id == sa.any_(sa.bindparam("ids", type_=sa.ARRAY(UUID(as_uuid=True)))))
+            .where(jobs.c.published_at.is_(None))
+            .values(published_at=sa.func.now()),
+            {"ids": list(job_ids)},
+        )
+
+
+@dataclass(frozen=True)
+class ListFilter:
+    tenant: str
+    statuses: Sequence[str] = ()
+    lane: str = ""
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+async def list_jobs(
+    conn: AsyncConnection,
+    flt: ListFilter,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None,
+) -> list[Row]:
+    """A page of jobs, newest first, keyset-paginated after (created_at, id)."""
+    stmt = sa.select(jobs).where(jobs.c.tenant == flt.tenant)
+    if flt.statuses:
+        stmt = stmt.where(jobs.c.status.in_(list(flt.statuses)))
+    if flt.lane:
+        stmt = stmt.where(jobs.c.lane == flt.lane)
+    if flt.created_after is not None:
+        stmt = stmt.where(jobs.c.created_at >= flt.created_after)
+    if flt.created_before is not None:
+        stmt = stmt.where(jobs.c.created_at < flt.created_before)
+    if flt.labels:
+        stmt = stmt.where(jobs.c.labels.contains(dict(flt.labels)))
+    if after is not None:
+        stmt = stmt.where(sa.tuple_(jobs.c.created_at, jobs.c.id) < sa.tuple_(*after))
+    stmt = stmt.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+    return [dict(r) for r in (await conn.execute(stmt)).mappings()]
+
+
+_PARAM_TYPES: dict[str, Any] = {
+    "id": UUID(as_uuid=True),
+    "lease": UUID(as_uuid=True),
+    "now": sa.DateTime(timezone=True),
+    "run_at": sa.DateTime(timezone=True),
+    "stale_before": sa.DateTime(timezone=True),
+    "terminal": sa.Boolean(),
+    "from_states": sa.ARRAY(sa.Text),
+    "tenant": sa.Text(),
+    "status": sa.Text(),
+    "dead_reason": sa.Text(),
+    "previous": sa.Text(),
+    "actor": sa.Text(),
+}
+
+
+def _sql(statement: str) -> sa.TextClause:
+    """A text statement whose parameters carry their types (asyncpg needs them in CASE)."""
+    clause = sa.text(statement)
+    names = [n for n in _PARAM_TYPES if f":{n}" in statement]
+    return clause.bindparams(*(sa.bindparam(n, type_=_PARAM_TYPES[n]) for n in names))
+
+
+async def _one(
+    engine: AsyncEngine, statement: sa.Executable, params: Mapping[str, Any]
+) -> Row | None:
+    """Run one statement and return its first row, if any."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(statement, dict(params))).mappings().first()
+    return dict(row) if row else None
+
+
+# One statement per transition: the UPDATE and its history row travel together.
+_EVENT_INSERT = """
+  ev AS (
+    INSERT INTO job_events (job_id, seq, status, previous, attempt, detail, created_at, actor)
+    SELECT id, seq, status, :previous, attempts, CAST(:detail AS jsonb), updated_at, :actor
+      FROM moved
+  )
+"""
+_CANCELLER = "CASE WHEN moved.status = 'cancelled' THEN moved.cancel_requested_by END"
+"""The actor of a transition to cancelled that a CancelJob call asked for."""
+
+# A tenant with a concurrency limit: its row is locked (claims of that tenant queue here)
+# and, on a committed change, re-read, so `running < max_running` is exact.
+_CLAIM = _sql(
+    """
+WITH slot AS (
+  SELECT running < max_running AS free FROM tenants
+   WHERE tenant = :tenant AND max_running IS NOT NULL
+     FOR UPDATE
+), moved AS (
+  UPDATE jobs
+     SET status = 'running', attempts = attempts + 1, lease_id = :lease, heartbeat_at = :now,
+         started_at = :now, updated_at = :now, seq = seq + 1, error = NULL
+   WHERE id = :id AND status = 'pending' AND cancel_requested_at IS NULL
+     AND coalesce((SELECT free FROM slot), true)
+  RETURNING *
+), """
+    + _EVENT_INSERT.replace(":actor", "NULL")
+    + """,
+  att AS (
+    INSERT INTO job_attempts (job_id, attempt, lease_id, worker, started_at)
+    SELECT id, attempts, lease_id, :worker, started_at FROM moved
+  )
+SELECT * FROM moved
+"""
+)
+
+
+async def claim(
+    engine: AsyncEngine, job_id: uuid.UUID, lease: uuid.UUID, worker: str, tenant: str
+) -> Row | None:
+    """Move a pending job to running under a new lease; None if it is not pending, or
+    if its tenant (`tenant`, the job's) already runs as many jobs as its limit allows."""
+    return await _one(
+        engine,
+        _CLAIM,
+        {
+            "id": job_id,
+            "tenant": tenant,
+            "lease": lease,
+            "now": utcnow(),
+            "worker": worker,
+            "previous": "pending",
+            "detail": None,
+        },
+    )
+
+
+_FINISH = _sql(
+    """
+WITH moved AS (
+  UPDATE jobs
+     SET status = :status, result_text = :result_text, stop_reason = :stop_reason,
+         input_tokens = :input_tokens, output_tokens = :output_tokens,
+         cache_creation_input_tokens = :cache_creation, cache_read_input_tokens = :cache_read,
+         error = CAST(:error AS jsonb), dead_reason = :dead_reason,
+         finished_at = CASE WHEN :terminal THEN :now ELSE NULL END,
+         run_at = :run_at, published_at = CASE WHEN :terminal THEN published_at ELSE NULL END,
+         lease_id = NULL, heartbeat_at = NULL, updated_at = :now,
+         seq = GREATEST(seq, :seq_floor) + 1
+   WHERE id = :id AND lease_id = :lease AND status = 'running'
+  RETURNING *
+), """
+    + _EVENT_INSERT.replace(":actor", _CANCELLER)
+    + """,
+  att AS (
+    UPDATE job_attempts a
+       SET finished_at = :now, outcome = :status, error = CAST(:error AS jsonb),
+           input_tokens = :input_tokens, output_tokens = :output_tokens
+      FROM moved WHERE a.job_id = moved.id AND a.attempt = moved.attempts
+  )
+SELECT * FROM moved
+"""
+)
+
+
+def _json(value: Mapping[str, Any] | None) -> str | None:
+    return None if value is None else orjson.dumps(dict(value)).decode()
+
+
+async def finish(
+    engine: AsyncEngine,
+    job_id: uuid.UUID,
+    lease: uuid.UUID,
+    outcome: Outcome,
+    seq_floor: int = 0,
+) -> Row | None:
+    """Write an attempt's outcome if the lease still holds; None when it was refused.
+
+    `seq_floor` is the last sequence number the worker used for token deltas, so
+    the transition's event number comes after them.
+    """
+    usage = outcome.usage or {}
+    now = utcnow()
+    run_at = None if outcome.retry_in_s is None else now + timedelta(seconds=outcome.retry_in_s)
+    return await _one(
+        engine,
+        _FINISH,
+        {
+            "id": job_id,
+            "lease": lease,
+            "now": now,
+            "status": outcome.status.value,
+            "terminal": outcome.status.terminal,
+            "result_text": outcome.result_text,
+            "stop_reason": outcome.stop_reason,
+            "input_tokens": usage.get("input_tokens"),
+            "output_tokens": usage.get("output_tokens"),
+            "cache_creation": usage.get("cache_creation_input_tokens"),
+            "cache_read": usage.get("cache_read_input_tokens"),
+            "error": _json(outcome.error),
+            "dead_reason": outcome.dead_reason,
+            "run_at": run_at,
+            "seq_floor": seq_floor,
+            "previous": "running",
+            "detail": _json(outcome.error),
+        },
+    )
+
+
+_TRANSITION = _sql(
+    """
+WITH moved AS (
+  UPDATE jobs
+     SET status = :status, updated_at = :now,
+         seq = seq + 1 + CASE WHEN status = 'running' THEN """
+    + str(LOST_ATTEMPT_SEQ_GAP)
+    + """ ELSE 0 END,
+         finished_at = CASE WHEN :terminal THEN :now ELSE finished_at END,
+         dead_reason = COALESCE(:dead_reason, dead_reason),
+         lease_id = CASE WHEN :terminal THEN NULL ELSE lease_id END
+   WHERE id = :id AND status = ANY(:from_states) AND (CAST(:tenant AS text) IS NULL OR tenant = :tenant)
+  RETURNING *, (SELECT status FROM jobs WHERE id = :id) AS previous_status
+), """
+    + _EVENT_INSERT.replace(":previous", "moved.previous_status").replace(
+        ":actor", f"coalesce(:actor, {_CANCELLER})"
+    )
+    + """
+SELECT * FROM moved
+"""
+)
+
+
+async def transition(
+    engine: AsyncEngine,
+    job_id: uuid.UUID,
+    from_states: Sequence[JobState],
+    to: JobState,
+    *,
+    tenant: str | None = None,
+    dead_reason: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+    actor: str | None = None,
+) -> Row | None:
+    """Move a job from one of `from_states` to `to`; None if it was in none of them.
+
+    `actor` names who asked for it; a move to cancelled defaults to whoever
+    requested the cancel.
+    """
+    return await _one(
+        engine,
+        _TRANSITION,
+        {
+            "id": job_id,
+            "from_states": [s.value for s in from_states],
+            "status": to.value,
+            "terminal": to.terminal,
+            "tenant": tenant,
+            "dead_reason": dead_reason,
+            "now": utcnow(),
+            "detail": _json(detail),
+            "actor": actor,
+        },
+    )
+
+
+async def request_cancel(
+    engine: AsyncEngine, job_id: uuid.UUID, tenant: str, actor: str | None = None
+) -> Row | None:
+    """Flag a running job for cancellation (the worker aborts it); None if not running.
+
+    `actor` is kept for the `cancelled` transition that follows.
+    """
+    return await _one(
+        engine,
+        sa.update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.tenant == tenant, jobs.c.status == "running")
+        .values(
+            cancel_requested_at=sa.func.coalesce(jobs.c.cancel_requested_at, utcnow()),
+            cancel_requested_by=sa.func.coalesce(jobs.c.cancel_requested_by, actor),
+        )
+        .returning(*jobs.c),
+        {},
+    )
+
+
+async def heartbeat(engine: AsyncEngine, leases: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    """Renew the leases of running jobs; returns the ids of those whose cancel was requested."""
+    if not leases:
+        return []
+    async with engine.connect() as conn:
+        result = await conn.execute(
+            sa.update(jobs)
+            .where(
+                jobs.c.lease_id
+                == sa.any_(sa.bindparam("leases", type_=sa.ARRAY(UUID(as_uuid=True))))
+            )
+            .values(heartbeat_at=utcnow())
+            .returning(jobs.c.id, jobs.c.cancel_requested_at),
+            {"leases": list(leases)},
+        )
+        return [r.id for r in result if r.cancel_requested_at is not None]
+
+
+_REQUEUE_STALLED = _sql(
+    """
+WITH stalled AS (
+  SELECT id FROM jobs
+   WHERE status = 'running' AND heartbeat_at < :stale_before
+   ORDER BY heartbeat_at LIMIT :limit FOR UPDATE SKIP LOCKED
+), moved AS (
+  UPDATE jobs j
+     SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' ELSE 'pending' END,
+         dead_reason = CASE WHEN j.attempts >= j.max_attempts
+                            THEN 'attempts exhausted: the worker was lost on the last attempt'
+                            ELSE j.dead_reason END,
+         finished_at = CASE WHEN j.attempts >= j.max_attempts THEN :now ELSE NULL END,
+         error = CASE WHEN j.attempts >= j.max_attempts
+                      THEN '{"code": "worker_lost", "message": "no heartbeat within the lease", "retryable": true}'::jsonb
+                      ELSE j.error END,
+         lease_id = NULL, heartbeat_at = NULL, published_at = NULL,
+         updated_at = :now, seq = seq + 1 + """
+    + str(LOST_ATTEMPT_SEQ_GAP)
+    + """
+    FROM stalled WHERE j.id = stalled.id
+  RETURNING j.*
+), """
+    + _EVENT_INSERT.replace(":previous", "'running'").replace(":actor", "NULL")
+    + """,
+  att AS (
+    UPDATE job_attempts a SET finished_at = :now, outcome = 'lost'
+      FROM moved WHERE a.job_id = moved.id AND a.attempt = moved.attempts
+  )
+SELECT * FROM moved
+"""
+)
+
+
+async def requeue_stalled(engine: AsyncEngine, lease_s: float, limit: int = 500) -> list[Row]:
+    """Recover running jobs whose worker stopped heartbeating.
+
+    Each goes back to pending, or to dead when that was its last attempt (a job
+    that keeps killing its worker must not loop). Returns the moved rows.
+    """
+    now = utcnow()
+    async with engine.connect() as conn:
+        result = await conn.execute(
+            _REQUEUE_STALLED,
+            {
+                "stale_before": now - timedelta(seconds=lease_s),
+                "now": now,
+                "limit": limit,
+                "detail": _json({"reason": "stalled: no heartbeat within the lease"}),
+            },
+        )
+        return [dict(r) for r in result.mappings()]
+
+
+_RELEASE_DUE = _sql(
+    """
+WITH due AS (
+  SELECT id FROM jobs
+   WHERE status = 'scheduled' AND run_at <= :now
+   ORDER BY run_at LIMIT :limit FOR UPDATE SKIP LOCKED
+), moved AS (
+  UPDATE jobs j SET status = 'pending', published_at = NULL, updated_at = :now, seq = seq + 1
+    FROM due WHERE j.id = due.id
+  RETURNING j.*
+), """
+    + _EVENT_INSERT.replace(":previous", "'scheduled'").replace(":actor", "NULL")
+    + """
+SELECT id, tenant, lane, priority, trace_id, traceparent, status FROM moved
+"""
+)
+
+
+async def release_due(engine: AsyncEngine, limit: int = 500) -> list[Row]:
+    """Move scheduled jobs whose time has come to pending; returns them to publish."""
+    async with engine.connect() as conn:
+        result = await conn.execute(_RELEASE_DUE, {"now": utcnow(), "limit": limit, "detail": None})
+        return [dict(r) for r in result.mappings()]
+
+
+async def unpublished(engine: AsyncEngine, older_than_s: float, limit: int = 500) -> list[Row]:
+    """Pending jobs whose publish was never confirmed (the outbox), oldest first."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    async with engine.connect() as conn:
+        result = await conn.execute(
+            sa.select(
+                jobs.c.id,
+                jobs.c.tenant,
+                jobs.c.lane,
+                jobs.c.priority,
+                jobs.c.trace_id,
+                jobs.c.traceparent,
+            )
+            .where(jobs.c.status == "pending", jobs.c.published_at.is_(None))
+            .where(jobs.c.updated_at < cutoff)
+            .order_by(jobs.c.created_at)
+            .limit(limit)
+        )
+        return [dict(r) for r in result.mappings()]
+
+
+async def history(conn: AsyncConnection, job_id: uuid.UUID, after_seq: int = 0) -> list[Row]:
+    """The job's stored transitions after a sequence number, in order."""
+    result = await conn.execute(
+        sa.select(job_events)
+        .where(job_events.c.job_id == job_id, job_events.c.seq > after_seq)
+        .order_by(job_events.c.seq)
+    )
+    return [dict(r) for r in result.mappings()]
+
+
+_REPLAY = _sql(
+    """
+WITH moved AS (
+  UPDATE jobs
+     SET status = 'pending', max_attempts = attempts + :budget, dead_reason = NULL,
+         finished_at = NULL, published_at = NULL, run_at = NULL, cancel_requested_at = NULL,
+         cancel_requested_by = NULL, updated_at = :now, seq = seq + 1
+   WHERE id = :id AND tenant = :tenant AND status = ANY(:from_states)
+  RETURNING *, (SELECT status FROM jobs WHERE id = :id) AS previous_status
+), """
+    + _EVENT_INSERT.replace(":previous", "moved.previous_status")
+    + """
+SELECT * FROM moved
+"""
+)
+
+
+async def replay(
+    engine: AsyncEngine,
+    job_id: uuid.UUID,
+    tenant: str,
+    budget: int,
+    from_states: Sequence[JobState],
+    actor: str | None = None,
+) -> Row | None:
+    """Queue a failed or dead job again with `budget` more attempts; history is kept,
+    naming `actor`, who replayed it."""
+    return await _one(
+        engine,
+        _REPLAY,
+        {
+            "id": job_id,
+            "tenant": tenant,
+            "budget": budget,
+            "from_states": [s.value for s in from_states],
+            "now": utcnow(),
+            "detail": _json({"reason": "replayed by RetryJob"}),
+            "actor": actor,
+        },
+    )
+
+
+_RELEASE = _sql(
+    """
+WITH moved AS (
+  UPDATE jobs
+     SET status = 'pending', lease_id = NULL, heartbeat_at = NULL, updated_at = :now,
+         seq = GREATEST(seq, :seq_floor) + 1, max_attempts = max_attempts + 1
+   WHERE id = :id AND lease_id = :lease AND status = 'running'
+  RETURNING *
+), """
+    + _EVENT_INSERT.replace(":actor", "NULL")
+    + """,
+  att AS (
+    UPDATE job_attempts a SET finished_at = :now, outcome = 'handed_back'
+      FROM moved WHERE a.job_id = moved.id AND a.attempt = moved.attempts
+  )
+SELECT * FROM moved
+"""
+)
+
+
+async def release(
+    engine: AsyncEngine, job_id: uuid.UUID, lease: uuid.UUID, seq_floor: int = 0
+) -> Row | None:
+    """Hand a running job back to pending (worker shutdown).
+
+    The interrupted attempt stays in the history as `handed_back`, and the job gets
+    one more attempt so that a shutdown does not use up its budget. `seq_floor` is
+    the last sequence number the worker used for token deltas (as for `finish`).
+    """
+    return await _one(
+        engine,
+        _RELEASE,
+        {
+            "id": job_id,
+            "lease": lease,
+            "now": utcnow(),
+            "previous": "running",
+            "detail": _json({"reason": "handed back at worker shutdown"}),
+            "seq_floor": seq_floor,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Stats:
+    counts: dict[tuple[str, str], int]
+    """Jobs per (lane, status)."""
+    tokens: dict[str, int]
+    run_time_p50_s: float | None
+    run_time_p95_s: float | None
+
+
+async def stats(conn: AsyncConnection, tenant: str) -> Stats:
+    """A tenant's counts and token totals (from the trigger-kept counters, not the jobs
+    table) and run-time percentiles of its latest 1,000 successes (an index range)."""
+    counts = await conn.execute(
+        sa.text(
+            """
+            SELECT lane, status, sum(jobs) AS n, sum(input_tokens) AS input_tokens,
+                   sum(output_tokens) AS output_tokens,
+                   sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
+                   sum(cache_read_input_tokens) AS cache_read_input_tokens
+              FROM job_counts WHERE tenant = :t GROUP BY lane, status
+            """
+        ),
+        {"t": tenant},
+    )
+    by_status: dict[tuple[str, str], int] = {}
+    tokens = dict.fromkeys(
+        ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"),
+        0,
+    )
+    for row in counts.mappings():
+        if row["n"]:
+            by_status[(row["lane"], row["status"])] = int(row["n"])
+        for key in tokens:
+            tokens[key] += int(row[key] or 0)
+    perf = (
+        await conn.execute(
+            sa.text(
+                """
+                SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50,
+                       percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95
+                  FROM (SELECT extract(epoch FROM finished_at - started_at) AS d
+                          FROM jobs WHERE tenant = :t AND status = 'succeeded'
+                         ORDER BY finished_at DESC LIMIT 1000) recent
+                """
+            ),
+            {"t": tenant},
+        )
+    ).one()
+    return Stats(
+        counts=by_status,
+        tokens=tokens,
+        run_time_p50_s=None if perf.p50 is None else float(perf.p50),
+        run_time_p95_s=None if perf.p95 is None else float(perf.p95),
+    )

@@ -1,0 +1,246 @@
+"""The tables, as SQLAlchemy Core metadata (Alembic migrations create them)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+metadata = sa.MetaData()
+
+STATUS_VALUES = ("pending", "scheduled", "running", "succeeded", "failed", "cancelled", "dead")
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("tenant", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("lane", sa.Text, nullable=False),
+    sa.Column("priority", sa.SmallInteger, nullable=False, server_default="0"),
+    sa.Column("model", sa.Text, nullable=False),
+    # The Messages API body minus model: system, messages, max_tokens, ...
+    sa.Column("request", JSONB, nullable=False),
+    sa.Column("labels", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("idempotency_key", sa.Text),
+    sa.Column("request_hash", sa.Text, nullable=False),
+    sa.Column("max_attempts", sa.SmallInteger, nullable=False),
+    sa.Column("attempts", sa.SmallInteger, nullable=False, server_default="0"),
+    sa.Column("timeout_ms", sa.Integer, nullable=False),
+    sa.Column("webhook_url", sa.Text),
+    # Webhook on every status change, not only terminal ones (migration 0002).
+    sa.Column("webhook_all_events", sa.Boolean, nullable=False, server_default="false"),
+    sa.Column("run_at", sa.DateTime(timezone=True)),
+    # Outbox: NULL until the broker confirmed the job's message.
+    sa.Column("published_at", sa.DateTime(timezone=True)),
+    # Fencing token of the current attempt; a late writer with another lease loses.
+    sa.Column("lease_id", UUID(as_uuid=True)),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True)),
+    sa.Column("result_text", sa.Text),
+    sa.Column("stop_reason", sa.Text),
+    sa.Column("input_tokens", sa.Integer),
+    sa.Column("output_tokens", sa.Integer),
+    sa.Column("cache_creation_input_tokens", sa.Integer),
+    sa.Column("cache_read_input_tokens", sa.Integer),
+    sa.Column("error", JSONB),
+    sa.Column("dead_reason", sa.Text),
+    sa.Column("trace_id", sa.Text),
+    # W3C traceparent of the submit, so later publishes (retries) join the job's trace.
+    sa.Column("traceparent", sa.Text),
+    # Sequence number of the job's latest event (WatchJob resumes from it).
+    sa.Column("seq", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.Column("cancel_requested_at", sa.DateTime(timezone=True)),
+    # Who asked for the cancel (the actor of the `cancelled` transition that follows).
+    sa.Column("cancel_requested_by", sa.Text),
+    sa.CheckConstraint(
+        "status IN ('pending','scheduled','running','succeeded','failed','cancelled','dead')",
+        name="jobs_status_valid",
+    ),
+    sa.UniqueConstraint("tenant", "idempotency_key", name="jobs_tenant_idempotency_key"),
+)
+sa.Index("jobs_tenant_created", jobs.c.tenant, jobs.c.created_at.desc(), jobs.c.id.desc())
+sa.Index("jobs_tenant_status", jobs.c.tenant, jobs.c.status)
+sa.Index(
+    "jobs_unpublished",
+    jobs.c.created_at,
+    postgresql_where=sa.text("published_at IS NULL AND status = 'pending'"),
+)
+sa.Index("jobs_due", jobs.c.run_at, postgresql_where=sa.text("status = 'scheduled'"))
+
+job_events = sa.Table(
+    "job_events",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column(
+        "job_id", UUID(as_uuid=True), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("previous", sa.Text),
+    sa.Column("attempt", sa.SmallInteger, nullable=False),
+    sa.Column("detail", JSONB),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # Who caused the transition: "<tenant>/<key name>"; NULL for Conveyor's own moves.
+    sa.Column("actor", sa.Text),
+)
+sa.Index("job_events_job_seq", job_events.c.job_id, job_events.c.seq)
+
+job_attempts = sa.Table(
+    "job_attempts",
+    metadata,
+    sa.Column(
+        "job_id", UUID(as_uuid=True), sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("attempt", sa.SmallInteger, primary_key=True),
+    sa.Column("lease_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("worker", sa.Text, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.Column("outcome", sa.Text),
+    sa.Column("error", JSONB),
+    sa.Column("input_tokens", sa.Integer),
+    sa.Column("output_tokens", sa.Integer),
+)
+
+# Maintained by the `jobs_count` trigger (see the initial migration); GetStats sums it.
+job_counts = sa.Table(
+    "job_counts",
+    metadata,
+    sa.Column("tenant", sa.Text, primary_key=True),
+    sa.Column("lane", sa.Text, primary_key=True),
+    sa.Column("status", sa.Text, primary_key=True),
+    sa.Column("shard", sa.SmallInteger, primary_key=True),
+    sa.Column("jobs", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("input_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("output_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("cache_creation_input_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("cache_read_input_tokens", sa.BigInteger, nullable=False, server_default="0"),
+)
+sa.Index(
+    "jobs_tenant_finished",
+    jobs.c.tenant,
+    jobs.c.finished_at.desc(),
+    postgresql_where=sa.text("status = 'succeeded'"),
+)
+
+# API keys: only the SHA-256 of a key is stored; `prefix` is its first characters,
+# to recognise a key in listings.
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("tenant", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("role", sa.Text, nullable=False, server_default="member"),
+    sa.Column("key_hash", sa.Text, nullable=False, unique=True),
+    sa.Column("prefix", sa.Text, nullable=False),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+    sa.Column("last_used_at", sa.DateTime(timezone=True)),
+    sa.CheckConstraint("role IN ('member','admin')", name="api_keys_role_valid"),
+)
+sa.Index(
+    "api_keys_tenant_name",
+    api_keys.c.tenant,
+    api_keys.c.name,
+    unique=True,
+    postgresql_where=sa.text("revoked_at IS NULL"),
+)
+
+# Every tenant that has jobs or keys; its lane queues exist in RabbitMQ. Limits that
+# are NULL fall back to the settings (submit quota) or mean "unlimited" (max_running).
+# `running` is kept by the `jobs_tenant_running` trigger while max_running is set.
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("tenant", sa.Text, primary_key=True),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("submit_per_minute", sa.Integer),
+    sa.Column("max_running", sa.Integer),
+    sa.Column("running", sa.Integer, nullable=False, server_default="0"),
+)
+
+# Token buckets shared by every process (see conveyor.budget): provider rate limits
+# ("model:<model>:<dimension>") and submit quotas ("submit:<tenant>").
+rate_buckets = sa.Table(
+    "rate_buckets",
+    metadata,
+    sa.Column("bucket", sa.Text, primary_key=True),
+    sa.Column("limit_per_min", sa.Float),
+    sa.Column("capacity", sa.Float, nullable=False, server_default="0"),
+    sa.Column("level", sa.Float, nullable=False, server_default="0"),
+    sa.Column("last_grant", sa.Float, nullable=False, server_default="0"),
+    sa.Column(
+        "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("blocked_until", sa.DateTime(timezone=True)),
+    sa.Column("source", sa.Text),
+    sa.Column("learned_at", sa.DateTime(timezone=True)),
+)
+
+# Webhook deliveries (migration 0002): one row per job status change to report,
+# written by the `jobs_webhook_*` triggers with the job's state at that change
+# (`job`); the notifier relays due rows to the `conveyor.webhooks` queue.
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column(
+        "job_id", UUID(as_uuid=True), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("tenant", sa.Text, nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("event", sa.Text, nullable=False),
+    sa.Column("previous", sa.Text),
+    sa.Column("job", JSONB, nullable=False),
+    # pending (due at next_attempt_at), succeeded, failed (gave up or refused).
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("attempts", sa.SmallInteger, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False),
+    # Outbox: NULL until the relay put the delivery on the queue (again, for a retry).
+    sa.Column("published_at", sa.DateTime(timezone=True)),
+    # A notifier is making an attempt until then.
+    sa.Column("locked_until", sa.DateTime(timezone=True)),
+    sa.Column("last_status_code", sa.Integer),
+    sa.Column("last_error", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("delivered_at", sa.DateTime(timezone=True)),
+    sa.CheckConstraint(
+        "status IN ('pending','succeeded','failed')", name="webhook_deliveries_status_valid"
+    ),
+    sa.UniqueConstraint("job_id", "seq", name="webhook_deliveries_job_seq"),
+)
+sa.Index(
+    "webhook_deliveries_due",
+    webhook_deliveries.c.next_attempt_at,
+    postgresql_where=sa.text("status = 'pending'"),
+)
+
+webhook_attempts = sa.Table(
+    "webhook_attempts",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column(
+        "delivery_id",
+        UUID(as_uuid=True),
+        sa.ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("attempt", sa.SmallInteger, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    # HTTP status of the answer; NULL when there was none (refused, timeout, connection).
+    sa.Column("status_code", sa.Integer),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("notifier", sa.Text, nullable=False),
+)
+sa.Index("webhook_attempts_delivery", webhook_attempts.c.delivery_id, webhook_attempts.c.attempt)

@@ -1,0 +1,266 @@
+"""Tenants, their API keys and their limits, as stored in Postgres.
+
+Used by the services (key lookup, the tenant registry, limits) and by the
+operator commands `conveyor keys ...` and `conveyor tenants ...`, which work on
+the database directly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from conveyor.db.jobs import Stats
+from conveyor.db.schema import api_keys, tenants
+
+Row = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class KeyOwner:
+    """What a valid API key resolves to."""
+
+    key_id: uuid.UUID
+    tenant: str
+    name: str
+    role: str
+
+
+async def resolve_key(engine: AsyncEngine, key_hash: str) -> KeyOwner | None:
+    """The owner of an unrevoked key with this hash (stamping its last use), or None."""
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                sa.update(api_keys)
+                .where(api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None))
+                .values(last_used_at=sa.func.now())
+                .returning(api_keys.c.id, api_keys.c.tenant, api_keys.c.name, api_keys.c.role)
+            )
+        ).first()
+    if row is None:
+        return None
+    return KeyOwner(key_id=row.id, tenant=row.tenant, name=row.name, role=row.role)
+
+
+async def ensure_tenant(conn: AsyncConnection, tenant: str) -> None:
+    """Register a tenant (idempotent)."""
+    await conn.execute(
+        insert(tenants).values(tenant=tenant).on_conflict_do_nothing(index_elements=["tenant"])
+    )
+
+
+async def tenant_names(conn: AsyncConnection) -> list[str]:
+    """Every registered tenant."""
+    return list(
+        (await conn.execute(sa.select(tenants.c.tenant).order_by(tenants.c.tenant))).scalars()
+    )
+
+
+async def get_tenant(conn: AsyncConnection, tenant: str) -> Row | None:
+    row = (
+        (await conn.execute(sa.select(tenants).where(tenants.c.tenant == tenant)))
+        .mappings()
+        .first()
+    )
+    return dict(row) if row else None
+
+
+async def list_tenants(conn: AsyncConnection) -> list[Row]:
+    result = await conn.execute(sa.select(tenants).order_by(tenants.c.tenant))
+    return [dict(r) for r in result.mappings()]
+
+
+UNCHANGED: Any = object()
+"""A limit argument that leaves the stored value as it is."""
+
+
+async def set_tenant_limits(
+    engine: AsyncEngine,
+    tenant: str,
+    *,
+    submit_per_minute: int | None = UNCHANGED,
+    max_running: int | None = UNCHANGED,
+) -> Row:
+    """Set a tenant's limits (None removes one), registering the tenant if needed.
+
+    Setting a concurrency limit recounts the tenant's running jobs under the
+    tenant row's lock: a transition that commits meanwhile waits for the lock
+    (its trigger updates that row) and then counts on top of the recount.
+    """
+    # A transaction of its own: the engine otherwise runs in autocommit.
+    async with engine.execution_options(isolation_level="READ COMMITTED").begin() as conn:
+        await ensure_tenant(conn, tenant)
+        await conn.execute(
+            sa.select(tenants.c.tenant).where(tenants.c.tenant == tenant).with_for_update()
+        )
+        values: dict[str, Any] = {}
+        if submit_per_minute is not UNCHANGED:
+            values["submit_per_minute"] = submit_per_minute
+        if max_running is not UNCHANGED:
+            values["max_running"] = max_running
+            running = (
+                await conn.execute(
+                    sa.text("SELECT count(*) FROM jobs WHERE tenant = :t AND status = 'running'"),
+                    {"t": tenant},
+                )
+            ).scalar_one()
+            values["running"] = int(running)
+        if values:
+            await conn.execute(
+                sa.update(tenants).where(tenants.c.tenant == tenant).values(**values)
+            )
+        row = (
+            (await conn.execute(sa.select(tenants).where(tenants.c.tenant == tenant)))
+            .mappings()
+            .one()
+        )
+        return dict(row)
+
+
+async def create_key(
+    conn: AsyncConnection, *, tenant: str, name: str, role: str, key_hash: str, prefix: str
+) -> Row:
+    """Store a new key (its hash only) and register its tenant."""
+    await ensure_tenant(conn, tenant)
+    row = (
+        (
+            await conn.execute(
+                sa.insert(api_keys)
+                .values(
+                    id=uuid.uuid4(),
+                    tenant=tenant,
+                    name=name,
+                    role=role,
+                    key_hash=key_hash,
+                    prefix=prefix,
+                )
+                .returning(*api_keys.c)
+            )
+        )
+        .mappings()
+        .one()
+    )
+    return dict(row)
+
+
+async def list_keys(
+    conn: AsyncConnection, tenant: str | None = None, *, include_revoked: bool = False
+) -> list[Row]:
+    """Keys (never their hashes), oldest first."""
+    columns = [c for c in api_keys.c if c.name != "key_hash"]
+    stmt = sa.select(*columns).order_by(api_keys.c.created_at, api_keys.c.id)
+    if tenant is not None:
+        stmt = stmt.where(api_keys.c.tenant == tenant)
+    if not include_revoked:
+        stmt = stmt.where(api_keys.c.revoked_at.is_(None))
+    return [dict(r) for r in (await conn.execute(stmt)).mappings()]
+
+
+async def find_keys(conn: AsyncConnection, key_id: str) -> list[Row]:
+    """Keys whose id is `key_id` or starts with it (the 8-character short id)."""
+    text = key_id.strip().lower()
+    stmt = sa.select(api_keys.c.id, api_keys.c.tenant, api_keys.c.name, api_keys.c.revoked_at)
+    stmt = stmt.where(sa.cast(api_keys.c.id, sa.Text).startswith(text, autoescape=True))
+    return [dict(r) for r in (await conn.execute(stmt)).mappings()]
+
+
+async def revoke_key(conn: AsyncConnection, key_id: uuid.UUID) -> Row | None:
+    """Revoke a key (idempotent); None if there is no such key."""
+    row = (
+        (
+            await conn.execute(
+                sa.update(api_keys)
+                .where(api_keys.c.id == key_id)
+                .values(revoked_at=sa.func.coalesce(api_keys.c.revoked_at, sa.func.now()))
+                .returning(api_keys.c.id, api_keys.c.tenant, api_keys.c.name, api_keys.c.revoked_at)
+            )
+        )
+        .mappings()
+        .first()
+    )
+    return dict(row) if row else None
+
+
+async def revoke_named(conn: AsyncConnection, tenant: str, name: str) -> Sequence[uuid.UUID]:
+    """Revoke the live key of a tenant with this name, if any; the ids revoked."""
+    result = await conn.execute(
+        sa.update(api_keys)
+        .where(
+            api_keys.c.tenant == tenant, api_keys.c.name == name, api_keys.c.revoked_at.is_(None)
+        )
+        .values(revoked_at=sa.func.now())
+        .returning(api_keys.c.id)
+    )
+    return list(result.scalars())
+
+
+@dataclass(frozen=True)
+class TenantSummary:
+    """One tenant's job counts per status and token totals (for admins' GetStats)."""
+
+    counts: dict[str, int]
+    tokens: dict[str, int]
+
+
+TOKEN_KEYS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
+async def stats_all(conn: AsyncConnection) -> tuple[Stats, dict[str, TenantSummary]]:
+    """Statistics over every tenant, and each tenant's summary (from the counters)."""
+    rows = await conn.execute(
+        sa.text(
+            """
+            SELECT tenant, lane, status, sum(jobs) AS n, sum(input_tokens) AS input_tokens,
+                   sum(output_tokens) AS output_tokens,
+                   sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
+                   sum(cache_read_input_tokens) AS cache_read_input_tokens
+              FROM job_counts GROUP BY tenant, lane, status
+            """
+        )
+    )
+    counts: dict[tuple[str, str], int] = {}
+    tokens = dict.fromkeys(TOKEN_KEYS, 0)
+    per_tenant: dict[str, TenantSummary] = {}
+    for row in rows.mappings():
+        summary = per_tenant.setdefault(
+            row["tenant"], TenantSummary(counts={}, tokens=dict.fromkeys(TOKEN_KEYS, 0))
+        )
+        n = int(row["n"] or 0)
+        if n:
+            key = (row["lane"], row["status"])
+            counts[key] = counts.get(key, 0) + n
+            summary.counts[row["status"]] = summary.counts.get(row["status"], 0) + n
+        for k in TOKEN_KEYS:
+            tokens[k] += int(row[k] or 0)
+            summary.tokens[k] += int(row[k] or 0)
+    perf = (
+        await conn.execute(
+            sa.text(
+                """
+                SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50,
+                       percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95
+                  FROM (SELECT extract(epoch FROM finished_at - started_at) AS d
+                          FROM jobs WHERE status = 'succeeded'
+                         ORDER BY finished_at DESC LIMIT 1000) recent
+                """
+            )
+        )
+    ).one()
+    stats = Stats(
+        counts=counts,
+        tokens=tokens,
+        run_time_p50_s=None if perf.p50 is None else float(perf.p50),
+        run_time_p95_s=None if perf.p95 is None else float(perf.p95),
+    )
+    return stats, per_tenant

@@ -1,0 +1,92 @@
+"""Job events: building them from rows and publishing them on `conveyor.events`.
+
+Status changes are also stored (job_events); token deltas travel only on the
+bus. The body is the contract's `JobEvent`, serialized protobuf, so the
+notifier forwards it to watchers without translating.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractExchange, DeliveryMode
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor.broker import event_routing_key
+from conveyor.convert import job_error, job_to_proto
+from conveyor.states import JobState
+from conveyor.telemetry import inject_headers
+from conveyor.v1 import events_pb2
+
+EVENT_CONTENT_TYPE = "application/x-protobuf; messageType=conveyor.v1.JobEvent"
+
+
+def _now() -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(time.time_ns())
+    return ts
+
+
+def status_event(row: Mapping[str, Any], previous: str | None) -> events_pb2.JobEvent:
+    """The event for the transition that left the job in `row`."""
+    status = JobState(row["status"])
+    change = events_pb2.StatusChanged(status=status.to_proto(), attempt=row["attempts"])
+    if previous:
+        change.previous = JobState(previous).to_proto()
+    err = job_error(row["error"])
+    if err is not None:
+        change.error.CopyFrom(err)
+    if status.terminal:
+        change.job.CopyFrom(job_to_proto(row))
+    event = events_pb2.JobEvent(
+        job_id=str(row["id"]), sequence=row["seq"], tenant=row["tenant"], status_changed=change
+    )
+    event.time.FromDatetime(row["updated_at"])
+    return event
+
+
+def delta_event(
+    job_id: str, tenant: str, sequence: int, text: str, attempt: int, output_tokens: int
+) -> events_pb2.JobEvent:
+    return events_pb2.JobEvent(
+        job_id=job_id,
+        sequence=sequence,
+        tenant=tenant,
+        time=_now(),
+        token_delta=events_pb2.TokenDelta(text=text, attempt=attempt, output_tokens=output_tokens),
+    )
+
+
+def event_kind(event: events_pb2.JobEvent) -> str:
+    """The `<status|delta>` part of the routing key."""
+    if event.HasField("token_delta"):
+        return "delta"
+    return JobState.from_proto(event.status_changed.status).value
+
+
+class EventPublisher:
+    """Publishes job events; transient messages without confirms (the database is the record)."""
+
+    def __init__(self, exchange: AbstractExchange) -> None:
+        self.exchange = exchange
+
+    async def publish(
+        self, event: events_pb2.JobEvent, headers: dict[str, Any] | None = None
+    ) -> None:
+        await self.exchange.publish(
+            aio_pika.Message(
+                body=event.SerializeToString(),
+                content_type=EVENT_CONTENT_TYPE,
+                delivery_mode=DeliveryMode.NOT_PERSISTENT,
+                headers=headers or {},
+            ),
+            routing_key=event_routing_key(event_kind(event), event.tenant),
+            mandatory=False,  # no watcher bound is normal
+        )
+
+    async def publish_status(self, row: Mapping[str, Any], previous: str | None) -> None:
+        """Publish a transition; it carries the trace context so the notifier's work joins the trace."""
+        await self.publish(status_event(row, previous), inject_headers())

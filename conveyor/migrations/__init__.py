@@ -1,0 +1,1 @@
+"""Alembic migrations of the Conveyor schema (`conveyor migrate` applies them)."""

@@ -1,0 +1,195 @@
+"""Putting jobs on their lane queues and recording that the broker has them.
+
+A job row starts with `published_at` NULL. `enqueue` publishes with
+confirms and stamps the rows the broker confirmed; a row whose publish failed
+stays NULL and the dispatcher's outbox reconciler publishes it again later.
+Used by the gateway right after insert, and by the dispatcher for due,
+recovered and unconfirmed jobs.
+
+With fair tenants (the default), a job goes to its tenant's queue of its lane;
+`TenantLanes` declares a tenant's queues before its first publish in this
+process, registers the tenant in Postgres and announces it to the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from opentelemetry.trace import SpanKind, StatusCode
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor import broker
+from conveyor.broker import (
+    JOBS_EXCHANGE,
+    PUBLISHED_AT_HEADER,
+    JobMessage,
+    job_routing_key,
+    publish_job,
+)
+from conveyor.db.jobs import mark_published
+from conveyor.db.tenants import ensure_tenant
+from conveyor.telemetry import inject_headers, traceparent_context, tracer
+
+log = logging.getLogger(__name__)
+
+STAMP_DELAY_S = 0.002
+"""How long confirmed publishes gather before one UPDATE stamps them all."""
+
+
+class TenantLanes:
+    """A tenant's lane queues, declared once per process before its first job is published.
+
+    The first time a tenant is seen here, its queues are declared (idempotent), the
+    tenant is registered in Postgres (where a starting worker finds it) and announced
+    on the events exchange (so running workers start consuming at once). Publishers
+    also answer a starting worker's query by announcing every tenant they know.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        channel: AbstractChannel,
+        events: AbstractExchange,
+        lanes: tuple[str, ...],
+        max_priority: int,
+    ) -> None:
+        self.engine = engine
+        self.channel = channel
+        self.events = events
+        self.lanes = lanes
+        self.max_priority = max_priority
+        self._ready: set[str] = set()
+        self._pending: dict[str, asyncio.Future[None]] = {}
+
+    async def ensure(self, tenant: str) -> None:
+        """Make sure the tenant's queues exist; a set lookup once they do."""
+        if tenant in self._ready:
+            return
+        pending = self._pending.get(tenant)
+        if pending is not None:  # another publish is declaring them: wait for it
+            await asyncio.wait([pending])
+            if tenant not in self._ready:
+                raise ConnectionError(f"the lane queues of tenant {tenant} could not be declared")
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._pending[tenant] = done
+        try:
+            await broker.declare_tenant_lanes(self.channel, tenant, self.lanes, self.max_priority)
+            async with self.engine.connect() as conn:
+                await ensure_tenant(conn, tenant)
+            await broker.announce_tenant(self.events, tenant)
+            self._ready.add(tenant)
+        finally:
+            del self._pending[tenant]
+            done.set_result(None)
+
+    async def answer_queries(self, channel: AbstractChannel) -> None:
+        """Announce every known tenant whenever a worker asks (it is starting)."""
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(self.events, broker.TENANTS_QUERY_KEY)
+
+        async def on_query(message: AbstractIncomingMessage) -> None:
+            for tenant in list(self._ready):
+                try:
+                    await broker.announce_tenant(self.events, tenant)
+                except Exception as exc:  # the worker also reads the tenants table
+                    log.warning("tenant announcement failed", extra={"error": repr(exc)})
+                    return
+
+        await queue.consume(on_query, no_ack=True)
+
+
+class JobQueue:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        exchange: AbstractExchange,
+        timeout_s: float = 5.0,
+        tenants: TenantLanes | None = None,
+    ):
+        """`tenants`: route each job to its tenant's lane queue (fair sharing);
+        without it, jobs go to the shared lane queues."""
+        self.engine = engine
+        self.exchange = exchange
+        self.timeout_s = timeout_s
+        self.tenants = tenants
+        self._to_stamp: list[Any] = []
+        self._stamping: asyncio.Task[None] | None = None
+
+    async def _publish(self, row: Mapping[str, Any]) -> bool:
+        # A republish (retry, recovery, outbox) joins the trace of the job's submit.
+        parent = traceparent_context(row.get("traceparent"))
+        with tracer().start_as_current_span(
+            f"{JOBS_EXCHANGE} publish",
+            context=parent,
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "publish",
+                "messaging.destination.name": JOBS_EXCHANGE,
+                "messaging.rabbitmq.destination.routing_key": row["lane"],
+                "conveyor.job.id": str(row["id"]),
+            },
+        ) as span:
+            headers: dict[str, Any] = {**inject_headers(), PUBLISHED_AT_HEADER: time.time_ns()}
+            tenant = row["tenant"]
+            try:
+                if self.tenants is not None:
+                    await asyncio.wait_for(self.tenants.ensure(tenant), self.timeout_s)
+                await asyncio.wait_for(
+                    publish_job(
+                        self.exchange,
+                        JobMessage(job_id=row["id"], tenant=tenant),
+                        lane=row["lane"],
+                        priority=row["priority"],
+                        headers=headers,
+                        routing_key=job_routing_key(
+                            row["lane"], tenant if self.tenants is not None else None
+                        ),
+                    ),
+                    self.timeout_s,
+                )
+                return True
+            except Exception as exc:  # broker down, channel closed, no confirm: the outbox retries
+                span.set_status(StatusCode.ERROR, repr(exc))
+                log.warning(
+                    "publish failed; left to the outbox",
+                    extra={"job_id": str(row["id"]), "error": repr(exc)},
+                )
+                return False
+
+    async def enqueue(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Publish pending jobs; those the broker confirmed are stamped shortly after.
+
+        Returns how many were confirmed. The stamps of concurrent calls share one
+        UPDATE: until it lands the outbox may publish a job twice, which the
+        worker's conditional claim makes harmless.
+        """
+        if not rows:
+            return 0
+        results = await asyncio.gather(*(self._publish(r) for r in rows))
+        confirmed = [r["id"] for r, ok in zip(rows, results, strict=True) if ok]
+        if confirmed:
+            self._to_stamp.extend(confirmed)
+            if self._stamping is None or self._stamping.done():
+                self._stamping = asyncio.create_task(self._stamp())
+        return len(confirmed)
+
+    async def _stamp(self) -> None:
+        await asyncio.sleep(STAMP_DELAY_S)
+        while self._to_stamp:
+            ids, self._to_stamp = self._to_stamp, []
+            try:
+                await mark_published(self.engine, ids)
+            except Exception as exc:  # the jobs are queued; at worst the outbox republishes them
+                log.warning("could not stamp published jobs", extra={"error": repr(exc)})
+
+    async def close(self) -> None:
+        """Write the stamps still waiting."""
+        if self._stamping is not None:
+            await self._stamping

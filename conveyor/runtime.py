@@ -1,0 +1,201 @@
+"""What every service process shares: start-up, gRPC servers (authenticated, TLS when
+configured), and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from aio_pika.abc import AbstractRobustConnection
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor import broker
+from conveyor.auth import Authenticator, AuthInterceptor
+from conveyor.config import Settings, get_settings
+from conveyor.db.engine import create_engine, migrate
+from conveyor.errors import ConveyorError
+from conveyor.logs import setup_logging
+from conveyor.metrics import serve_metrics
+from conveyor.telemetry import exporting, setup_tracing
+
+log = logging.getLogger(__name__)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Turn ConveyorError raised by a handler into its gRPC status."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner(request, context)
+                except ConveyorError as exc:
+                    await context.abort_with_status(exc.to_status())
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except ConveyorError as exc:
+                    await context.abort_with_status(exc.to_status())
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials of the gRPC servers, or None when TLS is not configured.
+
+    With `tls_client_ca_file`, clients must present a certificate signed by it.
+    """
+    if not settings.tls:
+        return None
+    assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+    client_ca = settings.tls_client_ca_file
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca is not None else None,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def grpc_server(
+    service_names: Iterable[str],
+    register: Callable[[grpc.aio.Server], None],
+    address: str,
+    *,
+    settings: Settings | None = None,
+    engine: AsyncEngine | None = None,
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """A gRPC server with our services, health checking and reflection, bound to `address`.
+
+    Every call but health and reflection is authenticated (see conveyor.auth): the
+    API keys are looked up through `engine`, or through a small pool of the
+    server's own. The port serves TLS when the settings name a certificate.
+    Returns the server, its health servicer and the bound port (useful with port 0).
+    """
+    settings = settings or get_settings()
+    if engine is None:
+        engine = create_engine(settings.database_url.get_secret_value(), pool_size=2)
+    authenticator = Authenticator(engine, settings.anonymous_tenant, settings.auth_cache_s)
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        ErrorInterceptor(),
+        AuthInterceptor(authenticator),
+    ]
+    if exporting():
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+        interceptors.insert(0, aio_server_interceptor())  # type: ignore[no-untyped-call]
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 * 1024 * 1024)],
+    )
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection(
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    credentials = server_credentials(settings)
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, health_servicer, port
+
+
+async def mark_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str]) -> None:
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+@contextlib.asynccontextmanager
+async def backing_services(
+    settings: Settings, service: str
+) -> AsyncIterator[tuple[AsyncEngine, AbstractRobustConnection]]:
+    """The database engine and broker connection of a service, closed on exit.
+
+    Applies the migrations first when CONVEYOR_MIGRATE_ON_START is set.
+    """
+    db_url = settings.database_url.get_secret_value()
+    if settings.migrate_on_start:
+        await migrate(db_url)
+    engine = create_engine(db_url, settings.db_pool_size)
+    try:
+        connection = await broker.connect(
+            settings.amqp_url.get_secret_value(), f"conveyor-{service}"
+        )
+        try:
+            yield engine, connection
+        finally:
+            await connection.close()
+    finally:
+        await engine.dispose()
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """Set `stop` on SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+def run_service(name: str, serve: Callable[[Settings, asyncio.Event], Awaitable[None]]) -> None:
+    """Entry point of a service process: logging, uvloop, signals, then `serve` until stopped."""
+    settings = get_settings()
+    setup_logging(name, settings.log_level, settings.log_json)
+    provider = setup_tracing(name)
+    serve_metrics(settings.metrics_host, settings.metrics_port(name))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        try:
+            await serve(settings, stop)
+        finally:
+            provider.shutdown()  # flush the spans still buffered
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(main())
+    log.info("stopped")

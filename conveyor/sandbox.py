@@ -1,0 +1,245 @@
+"""An isolated Conveyor for tests and the benchmark: its own RabbitMQ vhost and
+Postgres database, and the simulator plus the four services as real processes on
+free ports, so it never disturbs `make up` or another run.
+
+RabbitMQ and Postgres come from testcontainers when a Docker engine answers,
+otherwise from the servers already running on this machine. Either way each run
+gets its own vhost and database, removed afterwards.
+
+    with backing_services("conveyor-bench") as backing:
+        stack = Stack(backing, run_dir, env={"CONVEYOR_WORKER_CONCURRENCY": "1000"})
+        try:
+            stack.start_all()
+            ...
+        finally:
+            stack.stop_all()
+
+`tests/stack.py` builds the test suite's stack from these pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import asyncpg
+
+from conveyor import devstack
+from conveyor.config import Settings
+from conveyor.db.engine import migrate
+
+LOCAL_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
+LOCAL_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+START_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def docker_engine_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@dataclass
+class Backing:
+    """Where this run's RabbitMQ vhost and Postgres database are."""
+
+    amqp_url: str
+    database_url: str
+    cleanup: list[object] = field(default_factory=list)
+    vhost: str = ""
+    database: str = ""
+    admin_url: str = LOCAL_PG
+    """A URL of the server's `postgres` database (to create or drop databases)."""
+    local: bool = True
+    """True on this machine's servers (rabbitmqctl works), False on containers."""
+
+
+def rabbitmqctl(*args: str, container: object | None = None) -> str:
+    """Run rabbitmqctl (in the container if one is given); its output, or RuntimeError."""
+    if container is not None:
+        code, out = container.exec(["rabbitmqctl", *args])  # type: ignore[attr-defined]
+        if code != 0:
+            raise RuntimeError(out)
+        return str(out.decode() if isinstance(out, bytes) else out)
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip() or done.stdout.strip())
+    return done.stdout
+
+
+@contextlib.contextmanager
+def backing_services(prefix: str = "conveyor-test") -> Iterator[Backing]:
+    """A fresh vhost and database (named `<prefix>-<random>`), on containers or the local servers."""
+    containers: list[object] = []
+    amqp_base, pg_admin, rabbit = LOCAL_AMQP, LOCAL_PG, None
+    if docker_engine_available():  # pragma: no cover - this machine has no Docker engine
+        from testcontainers.postgres import PostgresContainer
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        rabbit = RabbitMqContainer("rabbitmq:3.13-management").start()
+        pg = PostgresContainer("postgres:16", driver=None).start()
+        containers += [rabbit, pg]
+        amqp_base = (
+            f"amqp://guest:guest@{rabbit.get_container_host_ip()}:{rabbit.get_exposed_port(5672)}/"
+        )
+        pg_admin = pg.get_connection_url()
+    vhost = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    database = vhost.replace("-", "_")
+    rabbitmqctl("add_vhost", vhost, container=rabbit)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*", container=rabbit)
+        database_url = pg_admin.rsplit("/", 1)[0] + f"/{database}"
+        asyncio.run(migrate(database_url))
+        yield Backing(
+            amqp_url=amqp_base + quote(vhost, safe=""),
+            database_url=database_url,
+            vhost=vhost,
+            database=database,
+            admin_url=pg_admin,
+            local=rabbit is None,
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            rabbitmqctl("delete_vhost", vhost, container=rabbit)
+        with contextlib.suppress(Exception):
+            asyncio.run(drop_database(pg_admin, database))
+        for c in containers:
+            with contextlib.suppress(Exception):
+                c.stop()  # type: ignore[attr-defined]
+
+
+async def drop_database(admin_url: str, name: str) -> None:
+    """DROP DATABASE ... WITH (FORCE): the connections still open to it are ended."""
+    conn = await asyncpg.connect(admin_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+SERVICES = ("gateway", "notifier", "worker", "dispatcher")
+
+
+class Stack:
+    """The simulator and the four services, started as processes of this run.
+
+    `env` is set in this process's environment too (so `self.settings` and the
+    children see the same configuration), on top of the backing's URLs and
+    free ports for the gateway, the notifier and the simulator.
+    """
+
+    def __init__(
+        self, backing: Backing, run_dir: Path, env: Mapping[str, str] | None = None
+    ) -> None:
+        self.backing = backing
+        self.run = devstack.RunDir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **(env or {}),
+            "CONVEYOR_AMQP_URL": backing.amqp_url,
+            "CONVEYOR_DATABASE_URL": backing.database_url,
+            "CONVEYOR_GATEWAY_PORT": str(free_port()),
+            "CONVEYOR_NOTIFIER_PORT": str(free_port()),
+            "CONVEYOR_SIMULATOR_PORT": str(free_port()),
+            "CONVEYOR_RUN_DIR": str(run_dir),
+            **{f"CONVEYOR_{svc.upper()}_METRICS_PORT": str(free_port()) for svc in SERVICES},
+        }
+        for name, value in self.env.items():
+            os.environ[name] = value
+        for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "CONVEYOR_API_KEY"):
+            os.environ.pop(name, None)
+        self.settings = Settings()
+        self.services = {s.name: s for s in devstack.stack(self.settings)}
+        self.procs: dict[str, devstack.Started] = {}
+
+    @property
+    def gateway(self) -> str:
+        return self.settings.gateway_target
+
+    @property
+    def notifier(self) -> str:
+        return self.settings.notifier_target
+
+    @property
+    def simulator_url(self) -> str:
+        return f"http://{self.settings.simulator_host}:{self.settings.simulator_port}"
+
+    def pid(self, name: str) -> int | None:
+        """The pid of a service this stack runs, or None."""
+        started = self.procs.get(name)
+        return started.proc.pid if started is not None else None
+
+    def start(self, name: str, **env: str) -> None:
+        """Start a service and wait until it is ready; `env` overrides its settings."""
+        service = self.services[name]
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            if env:  # the overrides may change how it is checked (e.g. TLS)
+                service = {s.name: s for s in devstack.stack(Settings())}[name]
+            started = devstack.start(service, self.run, self.settings)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        self.procs[name] = started
+        why = devstack.wait_ready(
+            service, self.run, time.monotonic() + START_TIMEOUT_S, started, started.proc.pid
+        )
+        if why is not None:
+            tail = devstack.log_tail(self.run.log_file(service), started.log_offset)
+            raise RuntimeError(f"{name} did not start: {why}\n{tail}")
+
+    def start_all(self) -> None:
+        for name in self.services:
+            self.start(name)
+
+    def stop(self, name: str) -> str:
+        """Graceful stop (SIGTERM, then SIGKILL after a timeout)."""
+        started = self.procs.pop(name)
+        outcome = devstack.stop_pid(started.proc.pid, started.proc)
+        self.run.pid_file(started.service).unlink(missing_ok=True)
+        return outcome
+
+    def terminate(self, name: str) -> devstack.Started:
+        """SIGTERM without waiting: the caller watches what the service does meanwhile."""
+        started = self.procs.pop(name)
+        started.proc.send_signal(signal.SIGTERM)
+        return started
+
+    def kill(self, name: str) -> None:
+        """kill -9: no chance to clean up."""
+        started = self.procs.pop(name)
+        devstack.signal_group(started.proc.pid, signal.SIGKILL)
+        started.proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.procs)):
+            with contextlib.suppress(Exception):
+                self.stop(name)
+
+    def log(self, name: str) -> str:
+        return self.run.log_file(self.services[name]).read_text(errors="replace")

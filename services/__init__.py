@@ -1,0 +1,1 @@
+"""The four Conveyor services: gateway, worker, notifier and dispatcher."""

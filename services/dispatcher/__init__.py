@@ -1,0 +1,1 @@
+"""The dispatcher: the control plane off the hot path — dead letters, timers, outbox, recovery."""

@@ -1,0 +1,42 @@
+"""Start-up of the dispatcher: topology, the dead-letter consumer and the timers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from conveyor import broker
+from conveyor.config import Settings
+from conveyor.events import EventPublisher
+from conveyor.outbox import JobQueue, TenantLanes
+from conveyor.runtime import backing_services
+from services.dispatcher.dead_letters import DeadLetterHandler
+from services.dispatcher.timers import run_timers, sample_queue_depths
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    async with backing_services(settings, "dispatcher") as (engine, connection):
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=64)
+        topology = await broker.declare_topology(channel, settings.lanes, settings.max_priority)
+        events_channel = await connection.channel(publisher_confirms=False)
+        events_exchange = await events_channel.get_exchange(broker.EVENTS_EXCHANGE)
+        events = EventPublisher(events_exchange)
+        tag = await topology.dead_queue.consume(DeadLetterHandler(engine, events))
+        tenants = None
+        if settings.fair_tenants:
+            tenants = TenantLanes(
+                engine, channel, events_exchange, settings.lanes, settings.max_priority
+            )
+            await tenants.answer_queries(events_channel)
+        queue = JobQueue(engine, topology.jobs, tenants=tenants)
+        timers = asyncio.create_task(run_timers(engine, queue, events, settings, stop))
+        depths = asyncio.create_task(sample_queue_depths(connection, engine, settings, stop))
+        log.info("dispatcher ready")
+        await stop.wait()
+        await topology.dead_queue.cancel(tag)
+        await timers
+        await queue.close()
+        await depths

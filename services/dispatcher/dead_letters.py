@@ -1,0 +1,67 @@
+"""The dead-letter consumer: every message on `conveyor.dead` ends its job as `dead`.
+
+A message arrives here when a worker rejected it (attempts exhausted, poison,
+a message naming no job) or RabbitMQ dead-lettered it. The job, if the
+message names one, is marked dead with the reason and the x-death data kept in
+its history; a message naming no job is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor.broker import JobMessage
+from conveyor.db import jobs as db
+from conveyor.events import EventPublisher
+from conveyor.metrics import JOBS_FINISHED
+from conveyor.states import JobState
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = (JobState.PENDING, JobState.SCHEDULED, JobState.RUNNING)
+
+
+def _x_death(message: AbstractIncomingMessage) -> list[dict[str, Any]]:
+    deaths = (message.headers or {}).get("x-death") or []
+    out = []
+    for d in deaths if isinstance(deaths, list) else []:
+        if isinstance(d, dict):
+            out.append({str(k): str(v) for k, v in d.items()})
+    return out
+
+
+class DeadLetterHandler:
+    def __init__(self, engine: AsyncEngine, events: EventPublisher) -> None:
+        self.engine = engine
+        self.events = events
+
+    async def __call__(self, message: AbstractIncomingMessage) -> None:
+        deaths = _x_death(message)
+        try:
+            job = JobMessage.decode(message.body)
+        except ValueError as exc:
+            log.error(
+                "unparseable dead letter dropped", extra={"error": str(exc), "x_death": deaths}
+            )
+            await message.ack()
+            return
+        reason = deaths[0].get("reason", "rejected") if deaths else "rejected"
+        row = await db.transition(
+            self.engine,
+            job.job_id,
+            LIVE_STATES,
+            JobState.DEAD,
+            dead_reason=f"dead-lettered ({reason})",
+            detail={"x_death": deaths},
+        )
+        if row is not None:
+            JOBS_FINISHED.labels(row["lane"], "dead").inc()
+            await self.events.publish_status(row, row["previous_status"])
+            log.info("job dead", extra={"job_id": str(job.job_id), "reason": reason})
+        else:
+            log.info("dead letter for a finished or unknown job", extra={"job_id": str(job.job_id)})
+        await message.ack()

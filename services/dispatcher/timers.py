@@ -1,0 +1,113 @@
+"""Periodic control-plane work, each step safe to run in several dispatchers at once
+(rows are picked with FOR UPDATE SKIP LOCKED):
+
+- due: scheduled jobs (delays, retry timers) whose time has come become pending;
+- stalled: running jobs without a heartbeat within the lease go back to pending
+  (or to dead, when that was their last attempt);
+- outbox: pending jobs the broker never confirmed are published (again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor.broker import DEAD_LETTER_QUEUE, lane_queue, tenant_lane_queue
+from conveyor.config import Settings
+from conveyor.db import jobs as db
+from conveyor.db.tenants import tenant_names
+from conveyor.events import EventPublisher
+from conveyor.metrics import JOBS_FINISHED, QUEUE_DEPTH
+from conveyor.outbox import JobQueue
+from conveyor.states import JobState
+
+log = logging.getLogger(__name__)
+
+
+async def tick(
+    engine: AsyncEngine, queue: JobQueue, events: EventPublisher, settings: Settings
+) -> dict[str, int]:
+    """One pass of every timer; returns how many jobs each step moved."""
+    due = await db.release_due(engine)
+    recovered = await db.requeue_stalled(engine, settings.lease_s)
+    stalled = [r for r in recovered if r["status"] == JobState.PENDING]
+    lost = [r for r in recovered if r["status"] == JobState.DEAD]
+    if recovered:
+        log.warning("stalled jobs recovered", extra={"requeued": len(stalled), "dead": len(lost)})
+    for row in recovered:
+        await events.publish_status(row, "running")
+    for row in lost:
+        JOBS_FINISHED.labels(row["lane"], "dead").inc()
+    unconfirmed = await db.unpublished(engine, older_than_s=settings.outbox_after_s)
+    published = await queue.enqueue([*due, *stalled, *unconfirmed])
+    return {
+        "due": len(due),
+        "stalled": len(stalled),
+        "lost": len(lost),
+        "unconfirmed": len(unconfirmed),
+        "published": published,
+    }
+
+
+async def run_timers(
+    engine: AsyncEngine,
+    queue: JobQueue,
+    events: EventPublisher,
+    settings: Settings,
+    stop: asyncio.Event,
+) -> None:
+    while not stop.is_set():
+        try:
+            moved = await tick(engine, queue, events, settings)
+            if any(moved.values()):
+                log.info("timers", extra=moved)
+        except Exception as exc:  # Postgres or RabbitMQ away: try again next tick
+            log.warning("timer pass failed", extra={"error": repr(exc)})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.dispatcher_interval_s)
+
+
+async def sample_queue_depths(
+    connection: AbstractConnection,
+    engine: AsyncEngine,
+    settings: Settings,
+    stop: asyncio.Event,
+    every_s: float = 5.0,
+) -> None:
+    """Keep the queue-depth gauges current: per lane (its shared queue and every
+    tenant's queue of it, summed) and the dead-letter queue."""
+    channel: AbstractChannel | None = None
+    while not stop.is_set():
+        try:
+            async with engine.connect() as conn:
+                tenants = await tenant_names(conn)
+        except Exception as exc:  # Postgres away: sample the shared queues only
+            log.debug("tenant list unavailable", extra={"error": repr(exc)})
+            tenants = []
+        for lane in settings.lanes:
+            total = None
+            for name in [lane_queue(lane), *(tenant_lane_queue(lane, t) for t in tenants)]:
+                try:
+                    if channel is None or channel.is_closed:
+                        channel = await connection.channel()
+                    declared = await channel.declare_queue(name, passive=True)
+                    total = (total or 0) + (declared.declaration_result.message_count or 0)
+                except Exception as exc:  # a missing queue closes the channel; next one
+                    log.debug("depth sample failed", extra={"queue": name, "error": repr(exc)})
+            if total is not None:
+                QUEUE_DEPTH.labels(lane_queue(lane)).set(total)
+        try:
+            if channel is None or channel.is_closed:
+                channel = await connection.channel()
+            declared = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+            QUEUE_DEPTH.labels(DEAD_LETTER_QUEUE).set(
+                declared.declaration_result.message_count or 0
+            )
+        except Exception as exc:  # the broker may be away; try again next time
+            log.debug("depth sample failed", extra={"queue": DEAD_LETTER_QUEUE, "error": repr(exc)})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)

@@ -1,0 +1,1 @@
+"""The gateway: the gRPC JobService that accepts, reads, cancels and replays jobs."""

@@ -1,0 +1,77 @@
+"""Start-up and shutdown of the gateway: database, broker, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from conveyor import broker
+from conveyor.config import Settings
+from conveyor.events import EventPublisher
+from conveyor.outbox import JobQueue, TenantLanes
+from conveyor.runtime import backing_services, grpc_server, mark_serving
+from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
+from services.gateway.quota import SubmitQuota
+from services.gateway.servicer import JobServiceServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the gateway until `stop` is set."""
+    async with backing_services(settings, "gateway") as (engine, connection):
+        jobs_channel = await connection.channel(publisher_confirms=True)
+        topology = await broker.declare_topology(
+            jobs_channel, settings.lanes, settings.max_priority
+        )
+        events_channel = await connection.channel(publisher_confirms=False)
+        events_exchange = await events_channel.get_exchange(broker.EVENTS_EXCHANGE)
+        tenants = None
+        if settings.fair_tenants:
+            tenants = TenantLanes(
+                engine, jobs_channel, events_exchange, settings.lanes, settings.max_priority
+            )
+            await tenants.answer_queries(events_channel)
+        queue = JobQueue(engine, topology.jobs, tenants=tenants)
+        quota = SubmitQuota(
+            engine, settings.tenant_submit_per_minute, batch_s=settings.rate_limit_batch_s
+        )
+        servicer = JobServiceServicer(
+            settings,
+            engine,
+            queue,
+            EventPublisher(events_exchange),
+            events_exchange,
+            connection,
+            quota,
+        )
+        server, health, port = grpc_server(
+            [SERVICE_NAME],
+            lambda s: jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, s),
+            f"{settings.gateway_host}:{settings.gateway_port}",
+            settings=settings,
+            engine=engine,
+        )
+        await server.start()
+        await mark_serving(health, [SERVICE_NAME])
+        log.info(
+            "gateway ready",
+            extra={"address": f"{settings.gateway_host}:{port}", "tls": settings.tls},
+        )
+        returning = asyncio.create_task(_return_unused_quota(quota, stop))
+        await stop.wait()
+        await health.enter_graceful_shutdown()
+        await server.stop(grace=5)
+        await queue.close()
+        await returning
+        await quota.budget.return_all()
+
+
+async def _return_unused_quota(quota: SubmitQuota, stop: asyncio.Event) -> None:
+    """Hand back the quota this gateway holds for tenants that stopped submitting."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+        await quota.return_idle()

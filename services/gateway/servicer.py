@@ -1,0 +1,399 @@
+"""JobService: submit, read, list, cancel and replay jobs.
+
+Accepted means durable: SubmitJob returns once the row is committed. The
+publish to RabbitMQ follows with confirms; if it fails the job is still
+accepted and the dispatcher's outbox reconciler publishes it.
+
+Every call acts for the tenant of its API key (`conveyor.auth`): another
+tenant's job is NOT_FOUND. Submits count against the tenant's quota, and the
+history of a job names who submitted, cancelled or replayed it.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.struct_pb2 import Struct
+from opentelemetry import trace
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor import broker
+from conveyor.auth import Principal, principal
+from conveyor.config import Settings
+from conveyor.convert import job_to_proto, parse_job_id, timestamp
+from conveyor.db import jobs as db
+from conveyor.db import tenants as tenants_db
+from conveyor.db.engine import once_more_on_disconnect
+from conveyor.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from conveyor.events import EventPublisher
+from conveyor.metrics import JOBS_SUBMITTED
+from conveyor.outbox import JobQueue
+from conveyor.states import CANCELLABLE, RETRYABLE, JobState
+from conveyor.telemetry import context_from_headers, current_ids, tracer
+from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
+from conveyor.validation import validate_submit
+from services.gateway.quota import SubmitQuota
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 500
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+
+def _encode_page_token(row: Mapping[str, Any]) -> str:
+    raw = f"{row['created_at'].isoformat()}|{row['id']}"
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created, job_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
+        return datetime.fromisoformat(created), uuid.UUID(job_id)
+    except ValueError:
+        raise InvalidArgument("page_token", "is not a token from ListJobs") from None
+
+
+def _duration(seconds: float | None) -> Duration:
+    d = Duration()
+    d.FromTimedelta(timedelta(seconds=seconds or 0.0))
+    return d
+
+
+class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        queue: JobQueue,
+        events: EventPublisher,
+        events_exchange: AbstractExchange,
+        connection: AbstractConnection,
+        quota: SubmitQuota | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.queue = queue
+        self.events = events
+        self.events_exchange = events_exchange
+        self.connection = connection
+        self.quota = quota or SubmitQuota(
+            engine, settings.tenant_submit_per_minute, batch_s=settings.rate_limit_batch_s
+        )
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's tenant, from its API key (see conveyor.auth)."""
+        return principal(context).tenant
+
+    def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        return principal(context)
+
+    async def _insert(
+        self,
+        requests: Sequence[jobs_pb2.SubmitJobRequest],
+        tenant: str,
+        batch: bool,
+        context: grpc.aio.ServicerContext,
+    ) -> list[jobs_pb2.SubmitJobResponse]:
+        # The caller's trace when it sent one (the instrumented server has already
+        # made it current when exporting); else this call starts the job's trace.
+        parent = None
+        if not trace.get_current_span().get_span_context().is_valid:
+            parent = context_from_headers(dict(context.invocation_metadata() or ()))
+        with tracer().start_as_current_span("submit", context=parent) as span:
+            span.set_attribute("conveyor.jobs.count", len(requests))
+            trace_id, traceparent = current_ids()
+            new = [
+                validate_submit(r, self.settings, tenant, prefix=f"jobs[{i}]." if batch else "")
+                for i, r in enumerate(requests)
+            ]
+            for job in new:
+                job.trace_id, job.traceparent = trace_id, traceparent
+            if len(new) == 1:
+                span.set_attribute("conveyor.job.id", str(new[0].id))
+            # Over quota: refused whole, before anything is written.
+            await self.quota.admit(tenant, len(new))
+            return await self._store_and_enqueue(new, tenant, batch, self._principal(context).actor)
+
+    async def _store_and_enqueue(
+        self, new: Sequence[db.NewJob], tenant: str, batch: bool, actor: str | None = None
+    ) -> list[jobs_pb2.SubmitJobResponse]:
+        keys = [j.idempotency_key for j in new if j.idempotency_key]
+        if len(keys) != len(set(keys)):
+            raise InvalidArgument("jobs", "idempotency keys repeat within the batch")
+
+        async def store() -> list[tuple[Mapping[str, Any], bool]]:
+            # One statement inserts the jobs; lookups of colliding keys see the first
+            # jobs once they commit (ON CONFLICT waits for them), so no transaction.
+            async with self.engine.connect() as conn:
+                inserted = {r["id"]: r for r in await db.insert_jobs(conn, new, actor)}
+                results: list[tuple[Mapping[str, Any], bool]] = []
+                for i, job in enumerate(new):
+                    if job.id in inserted:
+                        results.append((inserted[job.id], False))
+                        continue
+                    # Its idempotency key collided: the first job with that key answers.
+                    assert job.idempotency_key is not None
+                    first = await db.get_by_idempotency_key(conn, tenant, job.idempotency_key)
+                    if first is None:  # the other submit was rolled back meanwhile
+                        raise Unavailable("idempotency key in flux, try again")
+                    if first["request_hash"] != job.request_hash:
+                        field = f"jobs[{i}].idempotency_key" if batch else "idempotency_key"
+                        raise AlreadyExists(
+                            f"{field}: used before by job {first['id']} with a different request"
+                        )
+                    results.append((first, True))
+                return results
+
+        try:
+            results = await once_more_on_disconnect(store)
+        except (OperationalError, DBAPIError, OSError) as exc:
+            log.error("cannot make jobs durable", extra={"error": repr(exc)})
+            raise Unavailable("the job store is unavailable; nothing was accepted") from exc
+        fresh = [row for row, replay in results if not replay]
+        await self.queue.enqueue([r for r in fresh if r["status"] == JobState.PENDING])
+        for row in fresh:
+            JOBS_SUBMITTED.labels(row["lane"]).inc()
+            await self._emit(row, None)
+        return [
+            jobs_pb2.SubmitJobResponse(job=job_to_proto(row), idempotent_replay=replay)
+            for row, replay in results
+        ]
+
+    async def _emit(self, row: Mapping[str, Any], previous: str | None) -> None:
+        try:
+            await self.events.publish_status(row, previous)
+        except Exception as exc:  # events are advisory; the row is the record
+            log.warning(
+                "event publish failed", extra={"job_id": str(row["id"]), "error": repr(exc)}
+            )
+
+    async def SubmitJob(
+        self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.SubmitJobResponse:
+        (result,) = await self._insert([request], self._tenant(context), False, context)
+        return result
+
+    async def SubmitJobs(
+        self, request: jobs_pb2.SubmitJobsRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.SubmitJobsResponse:
+        if not 0 < len(request.jobs) <= MAX_BATCH:
+            raise InvalidArgument("jobs", f"give 1..{MAX_BATCH} jobs")
+        results = await self._insert(list(request.jobs), self._tenant(context), True, context)
+        return jobs_pb2.SubmitJobsResponse(results=results)
+
+    async def _get(self, job_id: uuid.UUID, tenant: str) -> Mapping[str, Any]:
+        async def read() -> Mapping[str, Any] | None:
+            async with self.engine.connect() as conn:
+                return await db.get_job(conn, job_id, tenant)
+
+        row = await once_more_on_disconnect(read)
+        if row is None:
+            raise NotFound(f"job {job_id} not found")
+        return row
+
+    async def GetJob(
+        self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.GetJobResponse:
+        row = await self._get(parse_job_id(request.id), self._tenant(context))
+        return jobs_pb2.GetJobResponse(job=job_to_proto(row))
+
+    async def ListJobs(
+        self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.ListJobsResponse:
+        if not 0 <= request.page_size <= MAX_PAGE:
+            raise InvalidArgument("page_size", f"must be 0..{MAX_PAGE}")
+        size = request.page_size or DEFAULT_PAGE
+        statuses = []
+        for i, s in enumerate(request.statuses):
+            if s not in range(1, 8):
+                raise InvalidArgument(f"statuses[{i}]", "is not a job status")
+            statuses.append(JobState.from_proto(s).value)
+        if request.lane and request.lane not in self.settings.lanes:
+            raise InvalidArgument("lane", f"must be one of {', '.join(self.settings.lanes)}")
+        flt = db.ListFilter(
+            tenant=self._tenant(context),
+            statuses=statuses,
+            lane=request.lane,
+            created_after=request.created_after.ToDatetime(tzinfo=UTC)
+            if request.HasField("created_after")
+            else None,
+            created_before=request.created_before.ToDatetime(tzinfo=UTC)
+            if request.HasField("created_before")
+            else None,
+            labels=dict(request.labels),
+        )
+        after = _decode_page_token(request.page_token) if request.page_token else None
+        async with self.engine.connect() as conn:
+            rows = await db.list_jobs(conn, flt, size + 1, after)
+        page, more = rows[:size], len(rows) > size
+        return jobs_pb2.ListJobsResponse(
+            jobs=[job_to_proto(r) for r in page],
+            next_page_token=_encode_page_token(page[-1]) if more else "",
+        )
+
+    async def CancelJob(
+        self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.CancelJobResponse:
+        job_id = parse_job_id(request.id)
+        caller = self._principal(context)
+        tenant = caller.tenant
+        detail = {"reason": request.reason or "cancelled by CancelJob"}
+        queued = (JobState.PENDING, JobState.SCHEDULED)
+        row = await db.transition(
+            self.engine,
+            job_id,
+            queued,
+            JobState.CANCELLED,
+            tenant=tenant,
+            detail=detail,
+            actor=caller.actor,
+        )
+        if row is not None:
+            await self._emit(row, row["previous_status"])
+            return jobs_pb2.CancelJobResponse(job=job_to_proto(row))
+        row = await db.request_cancel(self.engine, job_id, tenant, caller.actor)
+        if row is not None:
+            await broker.publish_cancel(self.events_exchange, job_id, tenant)
+            return jobs_pb2.CancelJobResponse(job=job_to_proto(row))
+        current = await self._get(job_id, tenant)
+        if JobState(current["status"]) in CANCELLABLE:  # it moved between our two updates
+            return await self.CancelJob(request, context)
+        raise FailedPrecondition(f"job {job_id} is already {current['status']}")
+
+    async def RetryJob(
+        self, request: jobs_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.RetryJobResponse:
+        job_id = parse_job_id(request.id)
+        caller = self._principal(context)
+        tenant = caller.tenant
+        row = await db.replay(
+            self.engine,
+            job_id,
+            tenant,
+            self.settings.default_max_attempts,
+            RETRYABLE,
+            actor=caller.actor,
+        )
+        if row is None:
+            current = await self._get(job_id, tenant)
+            raise FailedPrecondition(
+                f"job {job_id} is {current['status']}; only failed or dead jobs can be retried"
+            )
+        await self.queue.enqueue([row])
+        await self._emit(row, row["previous_status"])
+        return jobs_pb2.RetryJobResponse(job=job_to_proto(row))
+
+    async def GetStats(
+        self, request: jobs_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.GetStatsResponse:
+        caller = self._principal(context)
+        tenant = request.tenant or caller.tenant
+        if (request.all_tenants or tenant != caller.tenant) and not caller.admin:
+            raise PermissionDenied("only an admin key reads other tenants' statistics")
+        per_tenant: dict[str, tenants_db.TenantSummary] = {}
+        async with self.engine.connect() as conn:
+            if request.all_tenants:
+                summary, per_tenant = await tenants_db.stats_all(conn)
+                names = await tenants_db.tenant_names(conn)
+            else:
+                summary = await db.stats(conn, tenant)
+                names = [tenant]
+        response = jobs_pb2.GetStatsResponse(
+            run_time_p50=_duration(summary.run_time_p50_s),
+            run_time_p95=_duration(summary.run_time_p95_s),
+            tokens=jobs_pb2.Usage(**summary.tokens),
+            tenant="*" if request.all_tenants else tenant,
+        )
+        lanes: dict[str, jobs_pb2.LaneStats] = {
+            lane: jobs_pb2.LaneStats(lane=lane) for lane in self.settings.lanes
+        }
+        for (lane, status), n in summary.counts.items():
+            response.counts[status] = response.counts[status] + n
+            lanes.setdefault(lane, jobs_pb2.LaneStats(lane=lane)).counts[status] = n
+        for name, part in sorted(per_tenant.items()):
+            response.tenants.append(
+                jobs_pb2.TenantStats(
+                    tenant=name, counts=part.counts, tokens=jobs_pb2.Usage(**part.tokens)
+                )
+            )
+        # A tenant sees its own queues; the shared lane queues hold every tenant's
+        # jobs, so only all-tenant statistics (or fairness off) count them.
+        shared = request.all_tenants or not self.settings.fair_tenants
+        wanted: list[tuple[str, str]] = []
+        for lane in lanes:
+            wanted += [(lane, broker.tenant_lane_queue(lane, name)) for name in names]
+            if shared:
+                wanted.append((lane, broker.lane_queue(lane)))
+        depths = await queue_depths(
+            self.connection, [q for _, q in wanted] + [broker.DEAD_LETTER_QUEUE]
+        )
+        for lane, queue in wanted:
+            lanes[lane].queue_depth += depths.get(queue, 0)
+        response.dead_letter_depth = depths.get(broker.DEAD_LETTER_QUEUE, 0)
+        response.lanes.extend(lanes.values())
+        return response
+
+    async def GetJobHistory(
+        self, request: jobs_pb2.GetJobHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.GetJobHistoryResponse:
+        job_id = parse_job_id(request.id)
+        await self._get(job_id, self._tenant(context))  # NOT_FOUND for another tenant's job
+        async with self.engine.connect() as conn:
+            rows = await db.history(conn, job_id)
+        response = jobs_pb2.GetJobHistoryResponse()
+        for row in rows:
+            entry = jobs_pb2.JobHistoryEntry(
+                sequence=row["seq"],
+                status=JobState(row["status"]).to_proto(),
+                attempt=row["attempt"],
+                time=timestamp(row["created_at"]),
+                actor=row["actor"] or "",
+            )
+            if row["previous"]:
+                entry.previous = JobState(row["previous"]).to_proto()
+            if isinstance(row["detail"], dict):
+                detail = Struct()
+                detail.update(row["detail"])
+                entry.detail.CopyFrom(detail)
+            response.entries.append(entry)
+        return response
+
+
+async def queue_depths(connection: AbstractConnection, queues: Sequence[str]) -> dict[str, int]:
+    """Messages ready in each queue that exists (a passive declare reads the count).
+
+    A channel of its own: a passive declare of a missing queue (a tenant that never
+    submitted to a lane) closes the channel it ran on, so the next one opens another.
+    """
+    depths: dict[str, int] = {}
+    channel: AbstractChannel | None = None
+    try:
+        for queue in queues:
+            try:
+                if channel is None or channel.is_closed:
+                    channel = await connection.channel()
+                result = await channel.declare_queue(queue, passive=True)
+                depths[queue] = int(result.declaration_result.message_count or 0)
+            except Exception as exc:  # a depth is advisory; never fail GetStats for it
+                log.debug("queue depth unavailable", extra={"queue": queue, "error": repr(exc)})
+    finally:
+        if channel is not None and not channel.is_closed:
+            await channel.close()
+    return depths

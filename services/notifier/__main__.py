@@ -1,0 +1,12 @@
+"""`python -m services.notifier`: run the notifier until SIGTERM."""
+
+from conveyor.runtime import run_service
+from services.notifier.app import serve
+
+
+def main() -> None:
+    run_service("notifier", serve)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""JobEvents: WatchJob (one job) and WatchJobs (a list of ids, or every job of the
+caller's tenant with some labels), exact across reconnects (see events.proto).
+
+Each call gets a bounded inbox (`Watcher`) registered with the hub before anything
+is read, and a `Stream` that opens each job (snapshot, catch-up) and then turns the
+queued live events into what to send. gRPC flow control paces the sending; when the
+inbox overflows because the reader is too slow, the stream sends what was queued
+and ends with RESOURCE_EXHAUSTED (reason WATCH_FELL_BEHIND), and the reader resumes
+from its last sequence number.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from conveyor.auth import tenant_of
+from conveyor.config import Settings
+from conveyor.convert import parse_job_id
+from conveyor.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from conveyor.metrics import WATCHERS
+from conveyor.v1 import events_pb2, events_pb2_grpc, jobs_pb2
+from services.notifier.hub import Watcher
+from services.notifier.stream import Services, Stream, active_with_labels, load_rows
+
+log = logging.getLogger(__name__)
+
+MAX_IDS = 1000
+DEFAULT_PROGRESS_S = 1.0
+MIN_PROGRESS_S = 0.1
+MAX_PROGRESS_S = 60.0
+FELL_BEHIND = "WATCH_FELL_BEHIND"
+ERROR_DOMAIN = "conveyor.v1"
+
+
+class FellBehind(ResourceExhausted):
+    """The reader fell too far behind; the status says where to resume (google.rpc.ErrorInfo)."""
+
+    def __init__(self, message: str, metadata: dict[str, str]) -> None:
+        super().__init__(message)
+        self.metadata = metadata
+
+    def to_status(self) -> grpc.Status:
+        status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=self.message)
+        status.details.add().Pack(
+            error_details_pb2.ErrorInfo(
+                reason=FELL_BEHIND, domain=ERROR_DOMAIN, metadata=self.metadata
+            )
+        )
+        return rpc_status.to_status(status)
+
+
+def progress_interval(value: Duration | None) -> float:
+    """Seconds between progress reports: unset means every second; clamped to 0.1..60."""
+    if value is None:
+        return DEFAULT_PROGRESS_S
+    seconds = value.ToTimedelta().total_seconds()
+    if seconds <= 0:
+        return DEFAULT_PROGRESS_S
+    return min(MAX_PROGRESS_S, max(MIN_PROGRESS_S, seconds))
+
+
+def is_terminal(event: events_pb2.JobEvent) -> bool:
+    return event.HasField("status_changed") and event.status_changed.status in (
+        jobs_pb2.JOB_STATUS_SUCCEEDED,
+        jobs_pb2.JOB_STATUS_FAILED,
+        jobs_pb2.JOB_STATUS_CANCELLED,
+        jobs_pb2.JOB_STATUS_DEAD,
+    )
+
+
+class JobEventsServicer(events_pb2_grpc.JobEventsServicer):
+    def __init__(self, services: Services, settings: Settings) -> None:
+        self.services = services
+        self.hub = services.hub
+        self.settings = settings
+
+    # -- streams
+
+    def _watcher(self, tenant: str, *, deltas: bool, labels: dict[str, str] | None) -> Watcher:
+        if self.hub.streams >= self.settings.notifier_max_watches:
+            raise ResourceExhausted("this notifier serves its maximum of streams; try another")
+        self.hub.streams += 1
+        WATCHERS.inc()
+        return Watcher(tenant, self.settings.notifier_watch_buffer, deltas=deltas, labels=labels)
+
+    def _close(self, watcher: Watcher) -> None:
+        self.hub.remove(watcher)
+        self.hub.streams -= 1
+        WATCHERS.dec()
+
+    async def _live(
+        self, stream: Stream, *, many: bool, ends: bool
+    ) -> AsyncIterator[events_pb2.JobEvent]:
+        """Queued live events, progress reports and idle checks until the jobs finish."""
+        watcher = stream.watcher
+        idle_s = self.services.settings.idle_check_s
+        progress_due = time.monotonic() + stream.progress_s
+
+        def done() -> bool:
+            return ends and all(t.terminal for t in stream.trackers.values())
+
+        while True:
+            while watcher.queue and not watcher.broken:
+                event = watcher.queue.popleft()
+                for out in await stream.handle(event):
+                    yield out
+                    if is_terminal(out) and watcher.labels is not None:
+                        stream.forget(out.job_id)
+                    elif is_terminal(out):
+                        self.hub.unwatch_job(watcher, out.job_id)
+                if done():
+                    return
+                if time.monotonic() >= progress_due:
+                    for report in stream.progress(many):
+                        yield report
+                    progress_due = time.monotonic() + stream.progress_s
+            if watcher.broken:
+                raise Unavailable("the notifier lost its event feed for a moment; resume")
+            if watcher.overflowed:
+                raise self._fell_behind(stream)
+            if done():
+                return
+            wait = min(
+                stream.next_progress_in(), max(0.0, stream.checked_at + idle_s - time.monotonic())
+            )
+            await watcher.wait(max(0.01, wait))
+            if watcher.queue or watcher.overflowed:
+                continue
+            for report in stream.progress(many):
+                yield report
+            progress_due = time.monotonic() + stream.progress_s
+            if time.monotonic() - stream.checked_at >= idle_s:
+                for out in await stream.check():
+                    yield out
+                    if is_terminal(out) and watcher.labels is not None:
+                        stream.forget(out.job_id)
+
+    def _fell_behind(self, stream: Stream) -> FellBehind:
+        trackers = list(stream.trackers.values())
+        if len(trackers) == 1:
+            last = trackers[0].last
+            log.info("watcher fell behind", extra={"job_id": trackers[0].job_id, "sequence": last})
+            return FellBehind(
+                f"the watcher fell behind; resume with after_sequence={last}",
+                {"job_id": trackers[0].job_id, "after_sequence": str(last)},
+            )
+        log.info("watcher of many jobs fell behind", extra={"jobs": len(trackers)})
+        return FellBehind(
+            "the watcher fell behind; resume with after_sequences set to the last sequence"
+            " number received for each job",
+            {},
+        )
+
+    # -- RPCs
+
+    async def WatchJob(
+        self, request: events_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[events_pb2.JobEvent]:
+        tenant = tenant_of(context)
+        job_id = parse_job_id(request.id)
+        if request.after_sequence < 0:
+            raise InvalidArgument("after_sequence", "must not be negative")
+        progress_s = progress_interval(
+            request.progress_interval if request.HasField("progress_interval") else None
+        )
+        watcher = self._watcher(tenant, deltas=True, labels=None)
+        try:
+            self.hub.watch_job(watcher, str(job_id))
+            row = (await load_rows(self.services.engine, tenant, [job_id])).get(str(job_id))
+            if row is None:
+                raise NotFound(f"job {job_id} not found")
+            stream = Stream(self.services, watcher, progress_s)
+            for event in await stream.open(row, request.after_sequence):
+                yield event
+            if stream.trackers[str(job_id)].terminal:
+                return
+            async for event in self._live(stream, many=False, ends=True):
+                yield event
+        finally:
+            self._close(watcher)
+
+    async def WatchJobs(
+        self, request: events_pb2.WatchJobsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[events_pb2.JobEvent]:
+        tenant = tenant_of(context)
+        ids = self._ids(request)
+        labels = dict(request.labels)
+        if not ids and not labels:
+            raise InvalidArgument("ids", "give ids or labels")
+        resume: dict[str, int] = {}
+        for key, value in request.after_sequences.items():
+            if not _is_uuid(key):
+                raise InvalidArgument(f"after_sequences[{key!r}]", "is not a job id")
+            if value < 0:
+                raise InvalidArgument(f"after_sequences[{key!r}]", "must not be negative")
+            resume[str(uuid.UUID(key))] = value
+        progress_s = progress_interval(
+            request.progress_interval if request.HasField("progress_interval") else None
+        )
+        watcher = self._watcher(
+            tenant, deltas=request.token_deltas, labels=labels if not ids else None
+        )
+        try:
+            stream = Stream(self.services, watcher, progress_s)
+            if ids:
+                for job_id in ids:
+                    self.hub.watch_job(watcher, str(job_id))
+                rows = await load_rows(self.services.engine, tenant, ids)
+                missing = [str(i) for i in ids if str(i) not in rows]
+                if missing:
+                    raise NotFound(f"job {missing[0]} not found")
+                ordered: list[dict[str, Any]] = [rows[str(i)] for i in ids]
+            else:
+                self.hub.watch_tenant(watcher)
+                ordered = await active_with_labels(self.services.engine, tenant, labels)
+            for row in ordered:
+                for event in await stream.open(row, resume.get(str(row["id"]), 0)):
+                    yield event
+            if ids and all(t.terminal for t in stream.trackers.values()):
+                return
+            async for event in self._live(stream, many=True, ends=bool(ids)):
+                yield event
+        finally:
+            self._close(watcher)
+
+    @staticmethod
+    def _ids(request: events_pb2.WatchJobsRequest) -> list[uuid.UUID]:
+        if request.ids and request.labels:
+            raise InvalidArgument("labels", "give ids or labels, not both")
+        if len(request.ids) > MAX_IDS:
+            raise InvalidArgument("ids", f"at most {MAX_IDS}")
+        out: list[uuid.UUID] = []
+        for i, value in enumerate(request.ids):
+            job_id = parse_job_id(value, f"ids[{i}]")
+            if job_id not in out:
+                out.append(job_id)
+        return out
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True

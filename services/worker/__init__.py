@@ -1,0 +1,1 @@
+"""The worker: consumes lane queues and runs each job's model call, many at once."""

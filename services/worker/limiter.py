@@ -1,0 +1,387 @@
+"""Provider rate limits shared by every worker: requests, input tokens and output
+tokens per minute, per model.
+
+Each (model, dimension) is a Postgres token bucket (`model:<model>:requests`,
+`...:input_tokens`, `...:output_tokens`; see conveyor.budget). Before a call, a
+worker takes what the call needs from its local pool, which it refills from the
+buckets in batches, so with plentiful budget there is no database round trip per
+call; when budget is short the call waits for the refill instead of going out
+and coming back 429.
+
+What a call needs, as the provider counts it: one request; its input tokens,
+estimated before the call (characters / 4); and `max_tokens` output tokens,
+reserved at the start and settled at the end. The usage the provider reports
+settles both estimates (the difference goes back to, or is taken from, the pool).
+
+Limits come from CONVEYOR_RATE_LIMITS and from the provider's
+`anthropic-ratelimit-<dimension>-limit` headers; the lower wins. A learnt limit
+is written to the bucket, so every worker uses it, and a low `-remaining` lowers
+the bucket's level. A model whose limits nobody knows yet is probed: one call at
+a time per worker until the first answer's headers arrive. A 429 that still
+happens blocks the model's buckets for its retry-after, in every worker, and
+empties the exhausted ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor.budget import BucketStore, Definition, LocalBudget
+from conveyor.config import Settings
+from conveyor.db.engine import is_disconnect
+from conveyor.metrics import PROVIDER_THROTTLED, RATE_LIMIT_WAIT
+from conveyor.telemetry import tracer
+
+log = logging.getLogger(__name__)
+
+DIMENSIONS = ("requests", "input_tokens", "output_tokens")
+CONFIG_KEYS = {
+    "requests": "requests_per_minute",
+    "input_tokens": "input_tokens_per_minute",
+    "output_tokens": "output_tokens_per_minute",
+}
+"""The keys of a model's entry in CONVEYOR_RATE_LIMITS."""
+HEADER_NAMES = {
+    "requests": "requests",
+    "input_tokens": "input-tokens",
+    "output_tokens": "output-tokens",
+}
+DB_RETRY_S = 0.5
+LOW_WATER = 0.1
+"""A `-remaining` below this share of the limit lowers the bucket to it."""
+CLAMP_EVERY_S = 1.0
+
+
+def bucket_name(model: str, dimension: str) -> str:
+    return f"model:{model}:{dimension}"
+
+
+def estimate_input_tokens(body: Mapping[str, Any]) -> int:
+    """Input tokens of a Messages API body, estimated as characters / 4 (at least 1)."""
+    chars = 0
+    system = body.get("system")
+    if isinstance(system, str):
+        chars += len(system)
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, str):
+            chars += len(content)
+    return max(1, math.ceil(chars / 4))
+
+
+def parse_limits(headers: Mapping[str, str] | None) -> dict[str, tuple[float, float | None]]:
+    """(limit, remaining) per dimension from `anthropic-ratelimit-*` headers."""
+    out: dict[str, tuple[float, float | None]] = {}
+    if not headers:
+        return out
+    lowered = {k.lower(): v for k, v in headers.items()}
+    for dimension, name in HEADER_NAMES.items():
+        limit = _number(lowered.get(f"anthropic-ratelimit-{name}-limit"))
+        if limit is None or limit <= 0:
+            continue
+        out[dimension] = (limit, _number(lowered.get(f"anthropic-ratelimit-{name}-remaining")))
+    return out
+
+
+def exhausted(headers: Mapping[str, str] | None) -> list[str]:
+    """Dimensions a 429's headers report as used up (remaining 0)."""
+    lowered = {k.lower(): v for k, v in (headers or {}).items()}
+    return [
+        dimension
+        for dimension, name in HEADER_NAMES.items()
+        if _number(lowered.get(f"anthropic-ratelimit-{name}-remaining")) == 0
+    ]
+
+
+def _number(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+@dataclass
+class Permit:
+    """Budget taken for one call; settle it with the call's usage."""
+
+    model: str
+    input_tokens: int
+    output_tokens: int
+    needs: dict[str, float] = field(default_factory=dict)
+    probe: bool = False
+    settled: bool = False
+
+
+@dataclass
+class _Model:
+    limits: dict[str, float] = field(default_factory=dict)
+    """Effective limits per minute of the dimensions that have one."""
+    known: bool = False
+    probe: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    blocked_until: float = 0.0
+    clamped_at: dict[str, float] = field(default_factory=dict)
+
+
+class ProviderLimiter:
+    """Waits for provider budget before each call, across every worker process."""
+
+    def __init__(self, engine: AsyncEngine, settings: Settings) -> None:
+        self.store = BucketStore(engine)
+        self.budget = LocalBudget(self.store, settings.rate_limit_batch_s)
+        self.configured = {
+            model: {d: float(limits[k]) for d, k in CONFIG_KEYS.items() if limits.get(k)}
+            for model, limits in settings.rate_limits.items()
+        }
+        self.learn = settings.rate_limit_learn
+        self.burst_s = settings.rate_limit_burst_s
+        self.models: dict[str, _Model] = {}
+        self._loading: dict[str, asyncio.Future[_Model]] = {}
+
+    def configured_for(self, model: str) -> dict[str, float]:
+        return {**self.configured.get("*", {}), **self.configured.get(model, {})}
+
+    def capacity(self, limit_per_min: float) -> float:
+        return max(1.0, limit_per_min * self.burst_s / 60.0)
+
+    async def _model(self, model: str) -> _Model:
+        state = self.models.get(model)
+        if state is not None:
+            return state
+        loading = self._loading.get(model)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        future: asyncio.Future[_Model] = asyncio.get_running_loop().create_future()
+        self._loading[model] = future
+        try:
+            state = await self._load(model)
+            self.models[model] = state
+            future.set_result(state)
+            return state
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # waiters re-raise it
+            raise
+        finally:
+            del self._loading[model]
+
+    async def _load(self, model: str) -> _Model:
+        """A model's limits: configured ones, lowered by those another worker learnt."""
+        configured = self.configured_for(model)
+        names = [bucket_name(model, d) for d in DIMENSIONS]
+        rows = await self.store.read(names)
+        state = _Model()
+        learnt_any = False
+        for dimension, name in zip(DIMENSIONS, names, strict=True):
+            row = rows.get(name)
+            learnt = row.limit_per_min if row is not None and row.source == "learned" else None
+            learnt_any = learnt_any or learnt is not None
+            candidates = [v for v in (configured.get(dimension), learnt) if v]
+            if not candidates:
+                continue
+            limit = min(candidates)
+            state.limits[dimension] = limit
+            source = "learned" if learnt is not None else "config"
+            if row is None or row.limit_per_min != limit or row.capacity != self.capacity(limit):
+                await self.budget.define(name, limit, self.capacity(limit), source=source)
+            else:
+                self.budget.definitions[name] = Definition(limit, self.capacity(limit), source)
+        state.known = learnt_any or bool(configured) or not self.learn
+        return state
+
+    async def acquire(self, model: str, body: Mapping[str, Any]) -> Permit:
+        """Wait until the call fits the model's budget, and take it.
+
+        While Postgres is unreachable it waits too (the job keeps its attempt).
+        """
+        while True:
+            try:
+                state = await self._model(model)
+                break
+            except Exception as exc:
+                if not is_disconnect(exc):
+                    raise
+                log.warning("rate limits unavailable; waiting", extra={"error": repr(exc)})
+                await asyncio.sleep(DB_RETRY_S)
+        permit = Permit(
+            model=model,
+            input_tokens=estimate_input_tokens(body),
+            output_tokens=int(body.get("max_tokens") or 0),
+        )
+        if not state.known:
+            await state.probe.acquire()
+            if not state.known:
+                # Another worker may have learnt the limits since: then no probe is needed.
+                try:
+                    fresh = await self._load(model)
+                except BaseException:
+                    state.probe.release()
+                    raise
+                if fresh.known and fresh.limits:
+                    state.limits.update(fresh.limits)
+                    state.known = True
+            if state.known:
+                state.probe.release()
+            else:
+                permit.probe = True  # held until the answer's headers are seen
+                return permit
+        amounts = {
+            "requests": 1.0,
+            "input_tokens": float(permit.input_tokens),
+            "output_tokens": float(permit.output_tokens),
+        }
+        permit.needs = {bucket_name(model, d): amounts[d] for d in state.limits if amounts[d] > 0}
+        if permit.needs:
+            await self._take(state, permit)
+        return permit
+
+    async def _take(self, state: _Model, permit: Permit) -> None:
+        budget, needs = self.budget, permit.needs
+        if (
+            not state.lock.locked()
+            and state.blocked_until <= time.monotonic()
+            and budget.has(needs)
+        ):
+            budget.spend(needs)
+            return
+        began = time.monotonic()
+        span = None
+        async with state.lock:
+            while True:
+                now = time.monotonic()
+                if state.blocked_until > now:
+                    wait = state.blocked_until - now
+                elif budget.has(needs):
+                    budget.spend(needs)
+                    break
+                else:
+                    try:
+                        wait = await budget.fill(needs)
+                    except Exception as exc:
+                        if not is_disconnect(exc):
+                            raise
+                        log.warning("rate limits unavailable; waiting", extra={"error": repr(exc)})
+                        wait = DB_RETRY_S
+                    if wait <= 0:
+                        continue
+                if span is None:
+                    span = tracer().start_span(
+                        "rate limit wait", attributes={"gen_ai.request.model": permit.model}
+                    )
+                await asyncio.sleep(wait)
+        if span is not None:
+            span.end()
+            RATE_LIMIT_WAIT.labels(permit.model).observe(time.monotonic() - began)
+
+    async def observe(self, permit: Permit, headers: Mapping[str, str] | None) -> None:
+        """Learn from an answer's rate-limit headers; ends a probe."""
+        state = self.models.get(permit.model)
+        if state is None:
+            return
+        try:
+            if self.learn:
+                await self._learn(permit.model, state, parse_limits(headers))
+        except Exception as exc:  # learning is best effort; the call goes on
+            log.warning("could not record learnt rate limits", extra={"error": repr(exc)})
+        finally:
+            if permit.probe:
+                state.known = True
+                permit.probe = False
+                state.probe.release()
+
+    async def _learn(
+        self, model: str, state: _Model, limits: Mapping[str, tuple[float, float | None]]
+    ) -> None:
+        configured = self.configured_for(model)
+        now = time.monotonic()
+        for dimension, (limit, remaining) in limits.items():
+            effective = min(limit, configured.get(dimension, math.inf))
+            name = bucket_name(model, dimension)
+            if state.limits.get(dimension) != effective:
+                state.limits[dimension] = effective
+                log.info(
+                    "provider rate limit learnt",
+                    extra={"model": model, "dimension": dimension, "per_minute": effective},
+                )
+                await self.budget.define(
+                    name,
+                    effective,
+                    self.capacity(effective),
+                    source="learned",
+                    remaining=remaining,
+                )
+            elif (
+                remaining is not None
+                and remaining < LOW_WATER * limit
+                and now - state.clamped_at.get(dimension, 0.0) >= CLAMP_EVERY_S
+            ):
+                state.clamped_at[dimension] = now
+                await self.store.clamp(name, remaining)
+
+    async def throttled(
+        self, permit: Permit, retry_after_s: float | None, headers: Mapping[str, str] | None
+    ) -> None:
+        """The provider answered 429: stop every worker calling this model for a while."""
+        PROVIDER_THROTTLED.labels(permit.model).inc()
+        await self.observe(permit, headers)
+        state = self.models.get(permit.model)
+        if state is None:
+            return
+        wait = retry_after_s if retry_after_s is not None else 1.0
+        state.blocked_until = max(state.blocked_until, time.monotonic() + wait)
+        names = [bucket_name(permit.model, d) for d in state.limits]
+        drain = [bucket_name(permit.model, d) for d in exhausted(headers) if d in state.limits]
+        if not drain and "requests" in state.limits:
+            drain = [bucket_name(permit.model, "requests")]
+        self.budget.drop(names)
+        log.warning(
+            "provider rate limit hit; model paused",
+            extra={"model": permit.model, "retry_after_s": wait, "exhausted": drain},
+        )
+        if names:
+            try:
+                await self.store.block(names, wait, drain)
+            except Exception as exc:  # this worker still pauses; the others learn by 429
+                log.warning("could not pause the other workers", extra={"error": repr(exc)})
+
+    def settle(self, permit: Permit, usage: Mapping[str, int] | None) -> None:
+        """Settle the estimates with what the provider reported (None: the call failed)."""
+        if permit.probe:
+            state = self.models.get(permit.model)
+            permit.probe = False
+            if state is not None:
+                state.probe.release()
+        if permit.settled:
+            return
+        permit.settled = True
+        model = permit.model
+        used_in = used_out = 0
+        if usage is not None:
+            used_in = usage.get("input_tokens", 0) + usage.get("cache_creation_input_tokens", 0)
+            used_out = usage.get("output_tokens", 0)
+        input_name = bucket_name(model, "input_tokens")
+        if usage is not None and input_name in permit.needs:
+            self.budget.refund(input_name, permit.needs[input_name] - used_in)
+        output_name = bucket_name(model, "output_tokens")
+        if output_name in permit.needs:
+            self.budget.refund(output_name, permit.needs[output_name] - used_out)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Hand back, every second, the budget this worker holds but does not use."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            await self.budget.return_idle()
+        await self.budget.return_all()

@@ -1,0 +1,202 @@
+"""The model call: a streamed Messages API request through the anthropic SDK, and
+the classification of its failures into transient (retry) and permanent (fail).
+
+The SDK's own retries are off (`max_retries=0`): it would sleep a whole
+`retry-after` while holding a worker slot; retries happen at the job level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import anthropic
+import httpx2
+
+from conveyor.config import Settings
+
+TRANSIENT_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+TRANSIENT_ERROR_TYPES = frozenset(
+    {"rate_limit_error", "overloaded_error", "api_error", "timeout_error"}
+)
+
+
+@dataclass
+class Completion:
+    """What a finished model call produced."""
+
+    text: str
+    stop_reason: str
+    usage: dict[str, int]
+
+
+@dataclass
+class ProviderError(Exception):
+    """A failed model call, classified."""
+
+    code: str
+    message: str
+    retryable: bool
+    http_status: int = 0
+    retry_after_s: float | None = None
+    headers: Mapping[str, str] | None = field(default=None, compare=False, repr=False)
+    """The `anthropic-ratelimit-*` headers of the answer, if it had any."""
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "message": self.message,
+            "retryable": self.retryable,
+            "http_status": self.http_status,
+        }
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    if not headers:
+        return None
+    value = headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+RATE_LIMIT_HEADER_PREFIX = "anthropic-ratelimit-"
+
+
+def rate_limit_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The provider's rate-limit headers (and retry-after) of an answer."""
+    if not headers:
+        return {}
+    return {
+        k.lower(): v
+        for k, v in headers.items()
+        if k.lower().startswith(RATE_LIMIT_HEADER_PREFIX) or k.lower() == "retry-after"
+    }
+
+
+def classify(exc: BaseException) -> ProviderError:
+    """Sort a failure into transient or permanent, keeping the provider's message."""
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, anthropic.APIStatusError):
+        body = exc.body if isinstance(exc.body, dict) else {}
+        err = body.get("error") if isinstance(body.get("error"), dict) else body
+        err_type = str(err.get("type", "")) if isinstance(err, dict) else ""
+        message = (
+            str(err.get("message", ""))
+            if isinstance(err, dict) and err.get("message")
+            else str(exc)
+        )
+        status = exc.status_code
+        if status == 200:  # an `error` event in the middle of a stream
+            retryable = err_type in TRANSIENT_ERROR_TYPES
+        else:
+            retryable = status in TRANSIENT_STATUS or status >= 500
+        headers = exc.response.headers if exc.response is not None else None
+        return ProviderError(
+            code=err_type or f"http_{status}",
+            message=message,
+            retryable=retryable,
+            http_status=status,
+            retry_after_s=_retry_after(headers),
+            headers=rate_limit_headers(headers) or None,
+        )
+    if isinstance(exc, anthropic.APITimeoutError):
+        return ProviderError("timeout", "the provider did not answer in time", retryable=True)
+    if isinstance(exc, TimeoutError):  # before OSError, of which it is a subclass
+        return ProviderError("timeout", "the job's timeout ended the model call", retryable=True)
+    if isinstance(
+        exc, anthropic.APIConnectionError | httpx2.HTTPError | aiohttp.ClientError | OSError
+    ):
+        # A dropped stream surfaces as an httpx-level error, not an anthropic one.
+        return ProviderError("connection_error", f"{type(exc).__name__}: {exc}", retryable=True)
+    return ProviderError("internal_error", f"{type(exc).__name__}: {exc}", retryable=True)
+
+
+@dataclass
+class Provider:
+    """A shared anthropic client sized for the worker's concurrency.
+
+    It uses the SDK's aiohttp transport and reads the raw stream events itself:
+    at a thousand concurrent streams the httpx transport's connection pool and the
+    SDK's message snapshots cost several CPU milliseconds per call.
+    """
+
+    settings: Settings
+    client: anthropic.AsyncAnthropic = field(init=False)
+
+    def __post_init__(self) -> None:
+        key = self.settings.anthropic_api_key
+        limit = self.settings.worker_concurrency + 16
+        self.client = anthropic.AsyncAnthropic(
+            api_key=key.get_secret_value() if key is not None else "simulator",
+            base_url=self.settings.provider_base_url,
+            max_retries=self.settings.anthropic_max_retries,
+            http_client=anthropic.DefaultAioHttpClient(
+                limits=httpx2.Limits(max_connections=limit, max_keepalive_connections=limit),
+                timeout=httpx2.Timeout(
+                    connect=10.0, read=self.settings.default_timeout_s, write=30.0, pool=None
+                ),
+            ),
+        )
+
+    async def stream(
+        self,
+        model: str,
+        body: Mapping[str, Any],
+        on_text: Callable[[str], None],
+        extra_headers: Mapping[str, str] | None = None,
+        on_response: Callable[[Mapping[str, str]], Awaitable[None]] | None = None,
+    ) -> Completion:
+        """Run one streamed call, handing each text delta to `on_text` as it arrives.
+
+        `on_response` gets the answer's rate-limit headers as soon as they arrive,
+        before the first token.
+        """
+        params = dict(body)
+        # This SDK's create() has no `temperature` keyword; the body field still works.
+        extra_body = {"temperature": params.pop("temperature")} if "temperature" in params else None
+        stream = await self.client.messages.create(
+            model=model,
+            stream=True,
+            extra_headers=dict(extra_headers or {}),
+            extra_body=extra_body,
+            **params,
+        )
+        parts: list[str] = []
+        usage = {
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
+        stop_reason = ""
+        async with stream:
+            if on_response is not None:
+                await on_response(rate_limit_headers(stream.response.headers))
+            async for event in stream:
+                if event.type == "content_block_delta":
+                    if event.delta.type == "text_delta":
+                        parts.append(event.delta.text)
+                        on_text(event.delta.text)
+                elif event.type == "message_start":
+                    start = event.message.usage
+                    usage["input_tokens"] = start.input_tokens
+                    usage["output_tokens"] = start.output_tokens
+                    usage["cache_creation_input_tokens"] = start.cache_creation_input_tokens or 0
+                    usage["cache_read_input_tokens"] = start.cache_read_input_tokens or 0
+                elif event.type == "message_delta":
+                    stop_reason = event.delta.stop_reason or stop_reason
+                    usage["output_tokens"] = event.usage.output_tokens
+        if not stop_reason:  # the stream ended without message_delta: it was cut short
+            raise ProviderError("connection_error", "the stream ended early", retryable=True)
+        return Completion(text="".join(parts), stop_reason=stop_reason, usage=usage)
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,1 @@
+"""Conveyor's tests: unit tests, and integration tests against real services."""

@@ -1,0 +1,1 @@
+"""Integration tests: the real services against real RabbitMQ and Postgres."""

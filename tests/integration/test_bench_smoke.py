@@ -1,0 +1,70 @@
+"""The benchmark harness still works: `python -m bench --quick` runs every scenario on
+tiny counts against its own stack and writes a well-formed results file.
+
+The figures themselves are never asserted: they depend on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = ["submit", "end-to-end", "storm", "streaming", "backlog", "cost"]
+
+
+@pytest.mark.timeout(300)
+def test_a_quick_bench_run_writes_a_well_formed_results_file(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    # The bench makes its own stack: none of this session's settings (nor its tracing).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVEYOR_", "SIM_", "OTEL_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out), *SCENARIOS],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    assert "scenario" in done.stdout and str(out) in done.stdout  # the table, the file
+
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "conveyor-bench/1"
+    assert doc["interrupted"] is False
+    machine = doc["machine"]
+    for key in ("cpu", "cores", "memory_gib", "kernel", "python", "rabbitmq", "postgres"):
+        assert machine[key], key
+    assert doc["config"]["quick"] is True
+    assert list(doc["scenarios"]) == SCENARIOS
+    for name, scenario in doc["scenarios"].items():
+        assert scenario["status"] in ("ok", "skipped"), (name, scenario["notes"])
+        if scenario["status"] == "skipped":
+            continue
+        assert scenario["figures"], name
+        for fig in scenario["figures"]:
+            assert set(fig) >= {"label", "value", "unit", "target", "verdict"}
+            assert fig["verdict"] in ("met", "missed", "")
+        cpu = scenario["resources"]["cpu_ms"]
+        assert {"gateway", "rabbitmq", "postgres", "client", "wall"} <= set(cpu), name
+
+    # The run stopped what it started and removed its vhost.
+    vhosts = subprocess.run(
+        ["rabbitmqctl", "-q", "list_vhosts", "name"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert not [v for v in vhosts if v.startswith(f"conveyor-bench-{_bench_pid(doc)}-")]
+
+
+def _bench_pid(doc: dict[str, object]) -> str:
+    """The pid the run put in its vhost's name (recorded in the results file)."""
+    config = doc["config"]
+    assert isinstance(config, dict)
+    return str(config["pid"])

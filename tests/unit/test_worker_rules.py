@@ -1,0 +1,90 @@
+"""The worker's rules: which failures retry, how long it waits, what a job message is."""
+
+from __future__ import annotations
+
+import uuid
+
+import anthropic
+import httpx2
+import pytest
+
+from conveyor.broker import JobMessage
+from services.worker.provider import classify
+from services.worker.runner import backoff_s
+
+
+def _status_error(
+    status: int, error_type: str, headers: dict[str, str] | None = None
+) -> anthropic.APIStatusError:
+    request = httpx2.Request("POST", "http://sim/v1/messages")
+    response = httpx2.Response(status, headers=headers or {}, request=request)
+    body = {"type": "error", "error": {"type": error_type, "message": f"{error_type} happened"}}
+    return anthropic.APIStatusError(f"{status}", response=response, body=body)
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "retryable"),
+    [
+        (429, "rate_limit_error", True),
+        (529, "overloaded_error", True),
+        (500, "api_error", True),
+        (503, "api_error", True),
+        (400, "invalid_request_error", False),
+        (401, "authentication_error", False),
+        (403, "permission_error", False),
+        (404, "not_found_error", False),
+        (200, "overloaded_error", True),  # an error event in the middle of a stream
+        (200, "invalid_request_error", False),
+    ],
+)
+def test_provider_errors_are_sorted_into_transient_and_permanent(
+    status: int, error_type: str, retryable: bool
+) -> None:
+    err = classify(_status_error(status, error_type))
+    assert err.retryable is retryable
+    assert err.code == error_type and err.http_status == status
+    assert err.message == f"{error_type} happened"
+
+
+def test_retry_after_is_read_from_the_response() -> None:
+    err = classify(_status_error(429, "rate_limit_error", {"retry-after": "7"}))
+    assert err.retry_after_s == 7.0
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx2.RemoteProtocolError("peer closed connection"),
+        anthropic.APIConnectionError(request=httpx2.Request("POST", "http://sim")),
+        anthropic.APITimeoutError(request=httpx2.Request("POST", "http://sim")),
+        TimeoutError(),
+        ConnectionResetError(),
+    ],
+)
+def test_dropped_streams_and_timeouts_are_transient(exc: BaseException) -> None:
+    assert classify(exc).retryable
+
+
+def test_the_jobs_own_timeout_is_reported_as_a_timeout() -> None:
+    err = classify(TimeoutError())
+    assert err.code == "timeout" and err.retryable
+
+
+def test_backoff_grows_exponentially_with_full_jitter_within_the_cap() -> None:
+    for attempt in range(1, 10):
+        ceiling = min(60.0, 1.0 * 2 ** (attempt - 1))
+        samples = [backoff_s(attempt, 1.0, 60.0, None) for _ in range(200)]
+        assert all(0 <= s <= ceiling for s in samples)
+        assert max(samples) > ceiling / 2  # jitter spreads over the whole range
+
+
+def test_backoff_never_undercuts_the_providers_retry_after() -> None:
+    assert all(backoff_s(1, 1.0, 60.0, 5.0) >= 5.0 for _ in range(100))
+
+
+def test_a_job_message_round_trips_and_garbage_is_refused() -> None:
+    msg = JobMessage(job_id=uuid.uuid4(), tenant="acme")
+    assert JobMessage.decode(msg.encode()) == msg
+    for body in (b"", b"\x00", b"{}", b'{"job_id": "nope", "tenant": "t"}', b"[1]"):
+        with pytest.raises(ValueError):
+            JobMessage.decode(body)
