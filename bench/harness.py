@@ -477,11 +477,15 @@ class Context:
         be unacked in it, out of reach of a purge)."""
         if not worker or (self.worker_running() and await self.unfinished_count() > 0):
             await self.stop_worker()
+        async with self.db.acquire() as conn:
+            tenants = [r["tenant"] for r in await conn.fetch("SELECT tenant FROM tenants")]
+        lanes = self.stack.settings.lanes
         connection = await aio_pika.connect(self.stack.backing.amqp_url)
         try:
             channel = await connection.channel()
             for name in [
-                *map(broker.lane_queue, self.stack.settings.lanes),
+                *map(broker.lane_queue, lanes),
+                *(broker.tenant_lane_queue(lane, t) for lane in lanes for t in tenants),
                 broker.DEAD_LETTER_QUEUE,
             ]:
                 with contextlib.suppress(Exception):

@@ -14,7 +14,8 @@ prints it and keeps it in `run/dev-api-key` (mode 0600), creating a new one when
 the file is missing or its key no longer works. The services it starts let
 calls without a key act as that tenant (CONVEYOR_ANONYMOUS_TENANT, unless the
 environment sets it), so the README's plain grpcurl call works as written; a
-wrong key is still refused.
+wrong key is still refused. Webhooks are signed with the secret in
+`run/dev-webhook-secret` unless CONVEYOR_WEBHOOK_SECRET is set.
 
 `down` stops, in reverse order, exactly the processes named by the pid files
 (SIGTERM to the process group, SIGKILL after 10 s) and removes the pid files.
@@ -31,6 +32,7 @@ import argparse
 import asyncio
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -64,6 +66,7 @@ DEMO_TIMEOUT_S = 120.0
 DEV_KEY_FILE = "dev-api-key"
 """The development tenant's API key, in the run folder."""
 DEV_KEY_NAME = "dev"
+DEV_WEBHOOK_SECRET_FILE = "dev-webhook-secret"
 
 JAEGER_UI = "http://127.0.0.1:16686"
 RABBITMQ_UI = "http://127.0.0.1:15672"
@@ -403,6 +406,9 @@ def cmd_up(settings: Settings, timeout: float) -> int:
         )
         return 1
     print(key_note, flush=True)
+    secret_note = ensure_dev_webhook_secret(run)
+    if secret_note:
+        print(secret_note, flush=True)
 
     deadline = time.monotonic() + timeout
     started: list[Started] = []
@@ -429,6 +435,24 @@ def cmd_up(settings: Settings, timeout: float) -> int:
     print(f"  traces      Jaeger UI {JAEGER_UI} (when Jaeger runs)")
     print(f"  queues      RabbitMQ management UI {RABBITMQ_UI} (when enabled)")
     return 0
+
+
+def ensure_dev_webhook_secret(run: RunDir) -> str | None:
+    """Unless the environment sets CONVEYOR_WEBHOOK_SECRET, sign the local stack's
+    webhooks with the secret kept in `run/dev-webhook-secret` (made once, mode 0600),
+    so that webhooks work on `make up`. Returns where the secret is, or None."""
+    if os.environ.get("CONVEYOR_WEBHOOK_SECRET"):
+        return None
+    path = run.path / DEV_WEBHOOK_SECRET_FILE
+    secret = path.read_text().strip() if path.exists() else ""
+    if not secret:
+        secret = secrets.token_urlsafe(32)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+    os.environ["CONVEYOR_WEBHOOK_SECRET"] = secret  # inherited by the services started here
+    return f"webhook signing secret: {run.relative(path)}"
 
 
 async def ensure_dev_key(settings: Settings, run: RunDir) -> tuple[str, str]:
