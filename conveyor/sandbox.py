@@ -197,7 +197,7 @@ class Stack:
         os.environ.update(env)
         try:
             if env:  # the overrides may change how it is checked (e.g. TLS)
-                service = {s.name: s for s in devstack.stack(Settings())}[name]
+                service = {s.name: s for s in devstack.stack(Settings())}.get(name, service)
             started = devstack.start(service, self.run, self.settings)
         finally:
             for key, value in saved.items():

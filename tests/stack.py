@@ -7,8 +7,6 @@ adds the short timers that let recovery paths finish within a test.
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -79,24 +77,15 @@ class Stack(sandbox.Stack):
         stack's own; returns its address. `stop(name)` stops it."""
         port = free_port()
         address = f"{self.settings.notifier_host}:{port}"
-        service = devstack.Service(name, "services.notifier", "grpc", address, "JobEvents")
-        self.services[name] = service
-        env = {"CONVEYOR_NOTIFIER_PORT": str(port), "CONVEYOR_NOTIFIER_METRICS_PORT": "0"}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            started = devstack.start(service, self.run, self.settings)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-        self.procs[name] = started
-        why = devstack.wait_ready(
-            service, self.run, time.monotonic() + sandbox.START_TIMEOUT_S, started, started.proc.pid
+        self.start_extra(
+            devstack.Service(name, "services.notifier", "grpc", address, "JobEvents"),
+            CONVEYOR_NOTIFIER_PORT=str(port),
+            CONVEYOR_NOTIFIER_METRICS_PORT="0",
         )
-        if why is not None:
-            tail = devstack.log_tail(self.run.log_file(service), started.log_offset)
-            raise RuntimeError(f"{name} did not start: {why}\n{tail}")
         return address
+
+    def start_extra(self, service: devstack.Service, **env: str) -> None:
+        """Start one more instance of a service next to the stack's own and wait until it
+        is ready; `env` overrides its settings, `stop(service.name)` stops it."""
+        self.services[service.name] = service
+        self.start(service.name, **env)

@@ -6,9 +6,8 @@ with few 429s (the count is printed)."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -68,21 +67,17 @@ async def enforcing(stack: Stack) -> AsyncIterator[None]:
 
 
 @pytest.fixture
-def second_worker(stack: Stack) -> Any:
+def second_worker(stack: Stack) -> Iterator[None]:
     """Another worker process, so that the budget is shared by two."""
-    service = devstack.Service("worker-2", "services.worker", "log")
-    started = devstack.start(service, stack.run, stack.settings)
-    why = devstack.wait_ready(service, stack.run, time.monotonic() + 60, started, started.proc.pid)
-    assert why is None, why
+    stack.start_extra(devstack.Service("worker-2", "services.worker", "log"))
     try:
-        yield started
+        yield
     finally:
-        devstack.stop_pid(started.proc.pid, started.proc)
-        stack.run.pid_file(service).unlink(missing_ok=True)
+        stack.stop("worker-2")
 
 
 async def test_jobs_at_several_times_the_limit_all_succeed_with_few_429s(
-    client: ConveyorClient, stack: Stack, db: AsyncEngine, enforcing: None, second_worker: Any
+    client: ConveyorClient, stack: Stack, db: AsyncEngine, enforcing: None, second_worker: None
 ) -> None:
     model = f"claude-limited-{uuid.uuid4().hex[:6]}"  # no worker knows its limits yet
     prompt = "x" * 400  # 100 input tokens, as both sides estimate them
