@@ -73,9 +73,14 @@ class Counts:
     e2e_jobs: int = 2_000
     latency_ms: float = 1_000.0
     """Simulator latency (time to first token) of end-to-end, storm and paced runs."""
-    paced_rate: float = 200.0
-    """Jobs/s of the unsaturated end-to-end run (below what one worker can hold)."""
-    paced_jobs: int = 1_000
+    paced_rate: float = 50.0
+    """Jobs/s of the unsaturated end-to-end run: well below what this machine completes
+    (about 180 jobs/s with every service on its 2 cores), so no job waits for CPU."""
+    paced_jobs: int = 500
+    hold_jobs: int = 1_200
+    """Jobs of the held-open end-to-end run: more than the worker's concurrency."""
+    hold_latency_ms: float = 15_000.0
+    """A slow model (as real calls are), so the worker fills up before the first ends."""
     storm_jobs: int = 2_000
     storm_max_attempts: int = 10
     stream_jobs: int = 200
@@ -94,8 +99,10 @@ class Counts:
             batch_size=20,
             e2e_jobs=100,
             latency_ms=200.0,
-            paced_rate=100.0,
-            paced_jobs=50,
+            paced_rate=50.0,
+            paced_jobs=25,
+            hold_jobs=40,
+            hold_latency_ms=1_000.0,
             storm_jobs=20,
             stream_jobs=10,
             backlog_jobs=300,

@@ -118,17 +118,18 @@ WITH ins AS (
   RETURNING *
 ), ev AS (
   INSERT INTO job_events (job_id, seq, status, previous, attempt, detail, created_at, actor)
-  SELECT id, 1, status, NULL, 0, NULL, created_at, :actor FROM ins
+  SELECT ins.id, 1, ins.status, NULL, 0, NULL, ins.created_at, a.actor
+    FROM ins JOIN unnest(:ids, :actors) AS a(id, actor) ON a.id = ins.id
 )
 SELECT * FROM ins
 """
 ).bindparams(
     sa.bindparam("now", type_=sa.DateTime(timezone=True)),
-    sa.bindparam("actor", type_=sa.Text()),
     sa.bindparam("ids", type_=sa.ARRAY(UUID(as_uuid=True))),
     *(
         sa.bindparam(name, type_=sa.ARRAY(sa.Text))
         for name in (
+            "actors",
             "tenants",
             "statuses",
             "lanes",
@@ -152,10 +153,11 @@ SELECT * FROM ins
 
 
 async def insert_jobs(
-    conn: AsyncConnection, new_jobs: Sequence[NewJob], actor: str | None = None
+    conn: AsyncConnection, new_jobs: Sequence[NewJob], actors: Sequence[str | None]
 ) -> list[Row]:
-    """Insert jobs and their first history rows (naming `actor`, who submitted them) in
-    one statement, skipping those whose (tenant, idempotency key) exists.
+    """Insert jobs and their first history rows (naming each job's actor, who submitted
+    it) in one statement, skipping those whose (tenant, idempotency key) exists, in the
+    table or earlier in `new_jobs`.
 
     Returns the rows inserted (in no particular order); a job absent from the
     result collided with an earlier job's idempotency key. One statement of a fixed
@@ -165,7 +167,7 @@ async def insert_jobs(
     values = [_values(j, now) for j in new_jobs]
     params = {
         "now": now,
-        "actor": actor,
+        "actors": list(actors),
         "ids": [v["id"] for v in values],
         "tenants": [v["tenant"] for v in values],
         "statuses": [v["status"] for v in values],

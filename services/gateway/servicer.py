@@ -48,6 +48,7 @@ from conveyor.states import CANCELLABLE, RETRYABLE, JobState
 from conveyor.telemetry import context_from_headers, current_ids, tracer
 from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
 from conveyor.validation import validate_submit
+from services.gateway.group_insert import GroupInsert
 from services.gateway.quota import SubmitQuota
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         self.events = events
         self.events_exchange = events_exchange
         self.connection = connection
+        self.inserts = GroupInsert(engine)
         self.quota = quota or SubmitQuota(
             engine, settings.tenant_submit_per_minute, batch_s=settings.rate_limit_batch_s
         )
@@ -139,10 +141,13 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
             raise InvalidArgument("jobs", "idempotency keys repeat within the batch")
 
         async def store() -> list[tuple[Mapping[str, Any], bool]]:
-            # One statement inserts the jobs; lookups of colliding keys see the first
-            # jobs once they commit (ON CONFLICT waits for them), so no transaction.
+            # One statement inserts the jobs (with other submits' jobs when busy); lookups
+            # of colliding keys see the first jobs once they commit (ON CONFLICT waits
+            # for them), so no transaction.
+            inserted = await self.inserts.insert(new, actor)
+            if len(inserted) == len(new):
+                return [(inserted[job.id], False) for job in new]
             async with self.engine.connect() as conn:
-                inserted = {r["id"]: r for r in await db.insert_jobs(conn, new, actor)}
                 results: list[tuple[Mapping[str, Any], bool]] = []
                 for i, job in enumerate(new):
                     if job.id in inserted:

@@ -1,0 +1,102 @@
+"""Group commit: concurrent submits share INSERT statements.
+
+Each submit hands its jobs to `GroupInsert.insert` and gets back the rows that were
+inserted (a job absent from the answer collided with an idempotency key). At most
+`statements` INSERTs run at once; the submits that arrive meanwhile wait and go
+together in the next one, up to `max_rows` jobs. So an idle gateway inserts each
+submit at once, alone; a busy one spends one statement, one round trip and one
+commit on many submits instead of one each.
+
+The statements run in tasks of their own, so a submit cancelled while it waits
+(its client went away) interrupts no one else's INSERT; its jobs may still be
+inserted, and the outbox publishes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor.db import jobs as db
+
+
+@dataclass
+class _Waiting:
+    jobs: Sequence[db.NewJob]
+    actor: str | None
+    done: asyncio.Future[dict[uuid.UUID, db.Row]]
+
+
+class GroupInsert:
+    def __init__(self, engine: AsyncEngine, statements: int = 2, max_rows: int = 500) -> None:
+        self.engine = engine
+        self.max_rows = max_rows
+        self._free = statements
+        self._starting = False
+        self._waiting: deque[_Waiting] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def insert(self, jobs: Sequence[db.NewJob], actor: str | None) -> dict[uuid.UUID, db.Row]:
+        """Insert `jobs` (submitted by `actor`); the inserted rows by job id."""
+        me = _Waiting(jobs, actor, asyncio.get_running_loop().create_future())
+        self._waiting.append(me)
+        self._kick()
+        return await me.done
+
+    def _kick(self) -> None:
+        """Start a statement for the waiting submits, unless one is about to take them
+        or as many as allowed are running."""
+        if self._waiting and self._free > 0 and not self._starting:
+            self._free -= 1
+            self._starting = True
+            task = asyncio.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self) -> None:
+        first = True
+        try:
+            while self._waiting:
+                batch = self._take()
+                if first:
+                    first = False
+                    self._starting = False
+                    self._kick()  # later arrivals may use another statement meanwhile
+                await self._insert(batch)
+        finally:
+            if first:
+                self._starting = False
+            self._free += 1
+            self._kick()
+
+    def _take(self) -> list[_Waiting]:
+        """The submits waiting longest: at least one, up to `max_rows` jobs."""
+        batch: list[_Waiting] = []
+        rows = 0
+        while self._waiting and (not batch or rows + len(self._waiting[0].jobs) <= self.max_rows):
+            item = self._waiting.popleft()
+            batch.append(item)
+            rows += len(item.jobs)
+        return batch
+
+    async def _insert(self, batch: list[_Waiting]) -> None:
+        jobs = [job for item in batch for job in item.jobs]
+        actors = [item.actor for item in batch for _ in item.jobs]
+        try:
+            async with self.engine.connect() as conn:
+                inserted = {r["id"]: r for r in await db.insert_jobs(conn, jobs, actors)}
+        except BaseException as exc:  # every submit of the statement gets the error
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for item in batch:
+            if not item.done.done():
+                item.done.set_result({j.id: inserted[j.id] for j in item.jobs if j.id in inserted})
