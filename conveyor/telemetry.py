@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -77,7 +78,10 @@ def exporting() -> bool:
     return _exporting
 
 
+@functools.cache
 def tracer() -> trace.Tracer:
+    # Made once: get_tracer costs a few percent of a busy gateway. One made before
+    # setup_tracing is a proxy that follows the provider set later.
     return trace.get_tracer(TRACER_NAME)
 
 
