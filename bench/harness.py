@@ -489,25 +489,29 @@ class Context:
         lanes = self.stack.settings.lanes
         connection = await aio_pika.connect(self.stack.backing.amqp_url)
         try:
-            channel = await connection.channel()
             for name in [
                 *map(broker.lane_queue, lanes),
                 *(broker.tenant_lane_queue(lane, t) for lane in lanes for t in tenants),
                 broker.DEAD_LETTER_QUEUE,
             ]:
-                with contextlib.suppress(Exception):
-                    queue = await channel.declare_queue(name, passive=True)
-                    await queue.purge()
+                # A channel each: declaring a queue that does not exist closes the channel.
+                with contextlib.suppress(aio_pika.exceptions.ChannelNotFoundEntity):
+                    async with connection.channel() as channel:
+                        queue = await channel.declare_queue(name, passive=True)
+                        await queue.purge()
         finally:
             await connection.close()
         async with self.db.acquire() as conn:
+            # Tenants and keys stay: the gateway registers a tenant (and its queues) once
+            # per process, and the next reset finds the tenant queues to purge by them.
             tables = await conn.fetch(
                 "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-                " AND tablename <> 'alembic_version'"
+                " AND tablename NOT IN ('alembic_version', 'tenants', 'api_keys')"
             )
             if tables:
                 names = ", ".join(f'"{t["tablename"]}"' for t in tables)
                 await conn.execute(f"TRUNCATE {names} CASCADE")
+            await conn.execute("UPDATE tenants SET running = 0")
         await self.sim_set(**SIM_DEFAULTS, reset_stats=True)
         if worker:
             await self.start_worker()
