@@ -116,6 +116,11 @@ UPDATE rate_buckets b
 """
 ).bindparams(sa.bindparam("seconds", type_=sa.Float()))
 
+_UNBLOCK = sa.text(
+    "UPDATE rate_buckets SET blocked_until = NULL"
+    " WHERE bucket = ANY(CAST(:names AS text[])) AND blocked_until IS NOT NULL"
+)
+
 _READ = sa.text(
     """
 SELECT b.bucket, b.limit_per_min, b.capacity, b.level, 0.0::float8 AS last_grant,
@@ -226,6 +231,11 @@ class BucketStore:
             await conn.execute(
                 _BLOCK, {"names": list(names), "seconds": seconds, "drain": list(drain)}
             )
+
+    async def unblock(self, names: Sequence[str]) -> None:
+        """Lift a block early (the provider has said there is budget after all)."""
+        async with self.engine.connect() as conn:
+            await conn.execute(_UNBLOCK, {"names": list(names)})
 
     async def read(self, names: Sequence[str]) -> dict[str, BucketState]:
         async with self.engine.connect() as conn:

@@ -19,7 +19,10 @@ is written to the bucket, so every worker uses it, and a low `-remaining` lowers
 the bucket's level. A model whose limits nobody knows yet is probed: one call at
 a time per worker until the first answer's headers arrive. A 429 that still
 happens blocks the model's buckets for its retry-after, in every worker, and
-empties the exhausted ones.
+empties the exhausted ones, unless an answer that arrives meanwhile shows the
+provider with budget to spare (at least LOW_WATER of every limit left): a 429 that
+no shortage explains (an overloaded provider) lifts the block at once, while one
+from a real shortage keeps it, since the answers around it show little left.
 """
 
 from __future__ import annotations
@@ -102,6 +105,14 @@ def exhausted(headers: Mapping[str, str] | None) -> list[str]:
     ]
 
 
+def _plenty_left(limits: Mapping[str, tuple[float, float | None]]) -> bool:
+    """Whether an answer's headers show at least LOW_WATER of every limit left."""
+    return bool(limits) and all(
+        remaining is not None and remaining >= LOW_WATER * limit
+        for limit, remaining in limits.values()
+    )
+
+
 def _number(value: str | None) -> float | None:
     if value is None:
         return None
@@ -132,6 +143,8 @@ class _Model:
     probe: asyncio.Lock = field(default_factory=asyncio.Lock)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     blocked_until: float = 0.0
+    lifted: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set (and replaced) when a pause ends early."""
     clamped_at: dict[str, float] = field(default_factory=dict)
 
 
@@ -280,7 +293,8 @@ class ProviderLimiter:
                     span = tracer().start_span(
                         "rate limit wait", attributes={"gen_ai.request.model": permit.model}
                     )
-                await asyncio.sleep(wait)
+                with contextlib.suppress(TimeoutError):  # a lifted pause wakes us early
+                    await asyncio.wait_for(state.lifted.wait(), wait)
         if span is not None:
             span.end()
             RATE_LIMIT_WAIT.labels(permit.model).observe(time.monotonic() - began)
@@ -290,9 +304,12 @@ class ProviderLimiter:
         state = self.models.get(permit.model)
         if state is None:
             return
+        limits = parse_limits(headers)
         try:
             if self.learn:
-                await self._learn(permit.model, state, parse_limits(headers))
+                await self._learn(permit.model, state, limits)
+            if state.blocked_until > time.monotonic() and _plenty_left(limits):
+                await self._lift(permit.model, state)
         except Exception as exc:  # learning is best effort; the call goes on
             log.warning("could not record learnt rate limits", extra={"error": repr(exc)})
         finally:
@@ -300,6 +317,14 @@ class ProviderLimiter:
                 state.known = True
                 permit.probe = False
                 state.probe.release()
+
+    async def _lift(self, model: str, state: _Model) -> None:
+        """End this model's pause here and in every worker."""
+        state.blocked_until = 0.0
+        state.lifted.set()
+        state.lifted = asyncio.Event()
+        log.info("provider has budget left; model pause lifted", extra={"model": model})
+        await self.store.unblock([bucket_name(model, d) for d in DIMENSIONS])
 
     async def _learn(
         self, model: str, state: _Model, limits: Mapping[str, tuple[float, float | None]]

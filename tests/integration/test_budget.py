@@ -1,5 +1,7 @@
 """The shared token buckets in Postgres: however many processes take from one, together
-they never get more than its capacity plus its refill, and a block stops them all."""
+they never get more than its capacity plus its refill, and a block stops them all.
+A provider's 429 pauses a model in every worker, until its retry-after or until an
+answer shows the provider with budget to spare."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.budget import BucketStore, LocalBudget
+from conveyor.config import Settings
+from services.worker.limiter import Permit, ProviderLimiter
 
 pytestmark = pytest.mark.integration
 
@@ -67,3 +71,46 @@ async def test_a_block_stops_every_process_and_returns_budget_is_taken_again(
 
     await first.return_all()  # what `first` held goes back to the bucket
     assert await second.fill({name: CAPACITY}) == 0
+
+
+def _answer_headers(remaining_share: float) -> dict[str, str]:
+    """An answer's rate-limit headers: limits of 600 a minute, this share of each left."""
+    headers = {}
+    for name in ("requests", "input-tokens", "output-tokens"):
+        headers[f"anthropic-ratelimit-{name}-limit"] = "600000" if name != "requests" else "600"
+        limit = 600_000 if name != "requests" else 600
+        headers[f"anthropic-ratelimit-{name}-remaining"] = str(int(limit * remaining_share))
+    return headers
+
+
+@pytest.mark.parametrize(
+    ("share_left", "lifted"), [(0.9, True), (0.02, False)], ids=["budget to spare", "shortage"]
+)
+async def test_a_429_pauses_every_worker_until_an_answer_shows_budget_to_spare(
+    db: AsyncEngine, share_left: float, lifted: bool
+) -> None:
+    model = f"claude-paused-{uuid.uuid4().hex[:6]}"
+    body = {"max_tokens": 16, "messages": [{"role": "user", "content": "x" * 400}]}
+    first, second = ProviderLimiter(db, Settings()), ProviderLimiter(db, Settings())
+    probe = await first.acquire(model, body)  # nobody knows the limits: a probe learns them
+    await first.observe(probe, _answer_headers(0.9))
+    first.settle(probe, {"input_tokens": 100, "output_tokens": 16})
+
+    throttled = await first.acquire(model, body)
+    await first.throttled(throttled, 60.0, {"anthropic-ratelimit-requests-remaining": "0"})
+    first.settle(throttled, None)
+    waiting = asyncio.create_task(second.acquire(model, body))
+    await asyncio.sleep(0.5)
+    assert not waiting.done(), "the other worker waits out the pause"
+
+    # An answer of a call that was in flight arrives with the provider's word on budget.
+    await first.observe(
+        Permit(model=model, input_tokens=0, output_tokens=0), _answer_headers(share_left)
+    )
+    if lifted:
+        permit = await asyncio.wait_for(waiting, 10)  # long before the 60 s retry-after
+        second.settle(permit, None)
+    else:
+        await asyncio.sleep(3)  # longer than a waiting worker's recheck of the bucket
+        assert not waiting.done(), "a real shortage keeps the pause"
+        waiting.cancel()
