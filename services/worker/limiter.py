@@ -19,10 +19,12 @@ is written to the bucket, so every worker uses it, and a low `-remaining` lowers
 the bucket's level. A model whose limits nobody knows yet is probed: one call at
 a time per worker until the first answer's headers arrive. A 429 that still
 happens blocks the model's buckets for its retry-after, in every worker, and
-empties the exhausted ones, unless an answer that arrives meanwhile shows the
-provider with budget to spare (at least LOW_WATER of every limit left): a 429 that
-no shortage explains (an overloaded provider) lifts the block at once, while one
-from a real shortage keeps it, since the answers around it show little left.
+empties the exhausted ones. Unless the provider's answers say otherwise: a 429
+that comes within PLENTY_RECENT_S of an answer showing budget to spare (at least
+LOW_WATER of every limit left) pauses nothing, and such an answer arriving during
+a pause lifts it. So a 429 that no shortage explains (an overloaded provider)
+costs only its own retry, while a real shortage, where the answers around the 429
+show little left, keeps every worker waiting.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ DB_RETRY_S = 0.5
 LOW_WATER = 0.1
 """A `-remaining` below this share of the limit lowers the bucket to it."""
 CLAMP_EVERY_S = 1.0
+PLENTY_RECENT_S = 1.0
+"""A 429 this soon after an answer showing budget to spare pauses nothing."""
 
 
 def bucket_name(model: str, dimension: str) -> str:
@@ -143,6 +147,8 @@ class _Model:
     probe: asyncio.Lock = field(default_factory=asyncio.Lock)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     blocked_until: float = 0.0
+    plenty_at: float = -math.inf
+    """When an answer last showed budget to spare."""
     lifted: asyncio.Event = field(default_factory=asyncio.Event)
     """Set (and replaced) when a pause ends early."""
     clamped_at: dict[str, float] = field(default_factory=dict)
@@ -308,8 +314,10 @@ class ProviderLimiter:
         try:
             if self.learn:
                 await self._learn(permit.model, state, limits)
-            if state.blocked_until > time.monotonic() and _plenty_left(limits):
-                await self._lift(permit.model, state)
+            if _plenty_left(limits):
+                state.plenty_at = time.monotonic()
+                if state.blocked_until > state.plenty_at:
+                    await self._lift(permit.model, state)
         except Exception as exc:  # learning is best effort; the call goes on
             log.warning("could not record learnt rate limits", extra={"error": repr(exc)})
         finally:
@@ -363,6 +371,12 @@ class ProviderLimiter:
         await self.observe(permit, headers)
         state = self.models.get(permit.model)
         if state is None:
+            return
+        if time.monotonic() - state.plenty_at < PLENTY_RECENT_S:
+            log.info(
+                "provider 429 while it reports budget to spare; not pausing",
+                extra={"model": permit.model, "retry_after_s": retry_after_s},
+            )
             return
         wait = retry_after_s if retry_after_s is not None else 1.0
         state.blocked_until = max(state.blocked_until, time.monotonic() + wait)

@@ -93,7 +93,7 @@ async def test_a_429_pauses_every_worker_until_an_answer_shows_budget_to_spare(
     body = {"max_tokens": 16, "messages": [{"role": "user", "content": "x" * 400}]}
     first, second = ProviderLimiter(db, Settings()), ProviderLimiter(db, Settings())
     probe = await first.acquire(model, body)  # nobody knows the limits: a probe learns them
-    await first.observe(probe, _answer_headers(0.9))
+    await first.observe(probe, _answer_headers(0.05))  # and the provider has little left
     first.settle(probe, {"input_tokens": 100, "output_tokens": 16})
 
     throttled = await first.acquire(model, body)
@@ -114,3 +114,21 @@ async def test_a_429_pauses_every_worker_until_an_answer_shows_budget_to_spare(
         await asyncio.sleep(3)  # longer than a waiting worker's recheck of the bucket
         assert not waiting.done(), "a real shortage keeps the pause"
         waiting.cancel()
+
+
+async def test_a_429_right_after_an_answer_with_budget_to_spare_pauses_nothing(
+    db: AsyncEngine,
+) -> None:
+    model = f"claude-overloaded-{uuid.uuid4().hex[:6]}"
+    body = {"max_tokens": 16, "messages": [{"role": "user", "content": "x" * 400}]}
+    first, second = ProviderLimiter(db, Settings()), ProviderLimiter(db, Settings())
+    probe = await first.acquire(model, body)
+    await first.observe(probe, _answer_headers(0.9))
+    first.settle(probe, {"input_tokens": 100, "output_tokens": 16})
+
+    throttled = await first.acquire(model, body)
+    await first.throttled(throttled, 60.0, {"anthropic-ratelimit-requests-remaining": "0"})
+    first.settle(throttled, None)
+    for limiter in (first, second):  # neither this worker nor another waits
+        permit = await asyncio.wait_for(limiter.acquire(model, body), 10)
+        limiter.settle(permit, None)
