@@ -1,5 +1,9 @@
 """end-to-end: jobs through the whole system against a simulator with a fixed latency.
 
+Run 0 (one at a time): `single_jobs` jobs in turn, the simulator at 0 ms, each
+submitted with SubmitJob and awaited through WatchJob: what a user waiting on one
+job sees, from the call to the finished job in hand (median and p95).
+
 Run 1 (saturating): `e2e_jobs` jobs submitted at once in SubmitJobs batches to one
 worker process, the simulator answering after `latency_ms` with its tokens at
 once (tokens_per_second=0, so the model time is the latency). Reported: makespan
@@ -25,6 +29,7 @@ by throughput instead (with a 1 s model, calls in flight = jobs/s × 1 s).
 from __future__ import annotations
 
 import math
+import time
 
 from bench.harness import (
     Context,
@@ -35,6 +40,8 @@ from bench.harness import (
     submit_load,
     summarize,
 )
+from conveyor.client import ConveyorClient
+from conveyor.v1 import jobs_pb2
 
 NAME = "end-to-end"
 TITLE = "end-to-end, simulator latency fixed, one worker"
@@ -70,6 +77,8 @@ async def run(ctx: Context) -> Result:
     result.extra.update(
         latency_ms=c.latency_ms, jobs=c.e2e_jobs, worker_concurrency=ctx.worker_concurrency
     )
+
+    await _one_at_a_time(ctx, result)
 
     # Run 1: everything at once.
     await ctx.reset(worker=True)
@@ -145,6 +154,30 @@ async def run(ctx: Context) -> Result:
         "overhead = finished − created − latency, from the database's timestamps"
     )
     return result
+
+
+async def _one_at_a_time(ctx: Context, result: Result) -> None:
+    """Run 0: one job at a time, simulator at 0 ms: submit to finished job, as a client sees it."""
+    c = ctx.counts
+    await ctx.reset(worker=True)
+    await ctx.sim_set(latency_ms=0, tokens_per_second=0)
+    took_ms: list[float] = []
+    async with ConveyorClient(ctx.gateway, ctx.notifier) as client:
+        for _ in range(c.single_jobs):
+            began = time.perf_counter()
+            submitted = await client.submit_request(ctx.request(label="e2e-one"))
+            job = await client.wait(submitted.job.id, c.job_timeout_s)
+            took_ms.append((time.perf_counter() - began) * 1000)
+            if job.status != jobs_pb2.JOB_STATUS_SUCCEEDED:
+                raise RuntimeError(f"job {job.id} ended {job.status}")
+    took = summarize(took_ms, 1.0)
+    result.add(
+        f"one job at a time, 0 ms model ({c.single_jobs} in turn): submit → finished, median",
+        rounded(took.get("p50", math.nan)),
+        "ms",
+    )
+    result.add("  p95", rounded(took.get("p95", math.nan)), "ms")
+    result.extra["one_at_a_time_ms"] = took
 
 
 async def _held_open(ctx: Context, result: Result) -> None:

@@ -77,6 +77,8 @@ class Counts:
     """Jobs/s of the unsaturated end-to-end run: well below what this machine completes
     (about 180 jobs/s with every service on its 2 cores), so no job waits for CPU."""
     paced_jobs: int = 500
+    single_jobs: int = 100
+    """Jobs of the one-at-a-time end-to-end run (simulator at 0 ms)."""
     hold_jobs: int = 1_200
     """Jobs of the held-open end-to-end run: more than the worker's concurrency."""
     hold_latency_ms: float = 15_000.0
@@ -101,6 +103,7 @@ class Counts:
             latency_ms=200.0,
             paced_rate=50.0,
             paced_jobs=25,
+            single_jobs=10,
             hold_jobs=40,
             hold_latency_ms=1_000.0,
             storm_jobs=20,
