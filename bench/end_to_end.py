@@ -170,7 +170,7 @@ async def _one_at_a_time(ctx: Context, result: Result) -> None:
             took_ms.append((time.perf_counter() - began) * 1000)
             if job.status != jobs_pb2.JOB_STATUS_SUCCEEDED:
                 raise RuntimeError(f"job {job.id} ended {job.status}")
-    took = summarize(took_ms, 1.0)
+    took = summarize(took_ms)
     result.add(
         f"one job at a time, 0 ms model ({c.single_jobs} in turn): submit → finished, median",
         rounded(took.get("p50", math.nan)),

@@ -437,6 +437,14 @@ def cmd_up(settings: Settings, timeout: float) -> int:
     return 0
 
 
+def _write_private(path: Path, secret: str) -> None:
+    """Replace `path` with a file only its owner can read (mode 0600, never wider)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+
+
 def ensure_dev_webhook_secret(run: RunDir) -> str | None:
     """Unless the environment sets CONVEYOR_WEBHOOK_SECRET, sign the local stack's
     webhooks with the secret kept in `run/dev-webhook-secret` (made once, mode 0600),
@@ -447,10 +455,7 @@ def ensure_dev_webhook_secret(run: RunDir) -> str | None:
     secret = path.read_text().strip() if path.exists() else ""
     if not secret:
         secret = secrets.token_urlsafe(32)
-        path.unlink(missing_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secret + "\n")
+        _write_private(path, secret)
     os.environ["CONVEYOR_WEBHOOK_SECRET"] = secret  # inherited by the services started here
     return f"webhook signing secret: {run.relative(path)}"
 
@@ -476,10 +481,7 @@ async def ensure_dev_key(settings: Settings, run: RunDir) -> tuple[str, str]:
         key, _ = await create_api_key(engine, DEFAULT_TENANT, DEV_KEY_NAME, "admin")
     finally:
         await engine.dispose()
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
+    _write_private(path, key)
     return key, f"created a development API key for tenant {DEFAULT_TENANT}: {run.relative(path)}"
 
 

@@ -319,7 +319,9 @@ class ProviderLimiter:
                 if state.blocked_until > state.plenty_at:
                     await self._lift(permit.model, state)
         except Exception as exc:  # learning is best effort; the call goes on
-            log.warning("could not record learnt rate limits", extra={"error": repr(exc)})
+            log.warning(
+                "could not act on the answer's rate-limit headers", extra={"error": repr(exc)}
+            )
         finally:
             if permit.probe:
                 state.known = True

@@ -74,11 +74,11 @@ async def test_a_block_stops_every_process_and_returns_budget_is_taken_again(
 
 
 def _answer_headers(remaining_share: float) -> dict[str, str]:
-    """An answer's rate-limit headers: limits of 600 a minute, this share of each left."""
+    """An answer's rate-limit headers (600 requests and 600,000 tokens a minute), with
+    this share of each limit left."""
     headers = {}
-    for name in ("requests", "input-tokens", "output-tokens"):
-        headers[f"anthropic-ratelimit-{name}-limit"] = "600000" if name != "requests" else "600"
-        limit = 600_000 if name != "requests" else 600
+    for name, limit in (("requests", 600), ("input-tokens", 600_000), ("output-tokens", 600_000)):
+        headers[f"anthropic-ratelimit-{name}-limit"] = str(limit)
         headers[f"anthropic-ratelimit-{name}-remaining"] = str(int(limit * remaining_share))
     return headers
 
