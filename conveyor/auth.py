@@ -7,7 +7,7 @@ constant-time comparison is needed. Keys map to a tenant and a role: `member`
 (the tenant's own jobs) or `admin` (also the statistics of every tenant).
 
 Every gRPC server built by `conveyor.runtime.grpc_server` authenticates calls
-with `AuthInterceptor`: the `authorization: Bearer <key>` metadata is resolved
+through `authenticate`: the `authorization: Bearer <key>` metadata is resolved
 (through a small TTL cache) before the handler runs, and the handler reads the
 result with `principal(context)` or `tenant_of(context)`. A call without a key
 acts as `CONVEYOR_ANONYMOUS_TENANT` when that is set (the local stack), and is
@@ -24,9 +24,8 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -97,7 +96,7 @@ _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
 
 
 def principal(context: grpc.aio.ServicerContext | None = None) -> Principal:
-    """The caller of the current gRPC call, as resolved by AuthInterceptor.
+    """The caller of the current gRPC call, as resolved by `authenticate`.
 
     `context` is the handler's context; the principal itself travels in a
     context variable of the call's task. Raises Unauthenticated if the call was
@@ -179,86 +178,17 @@ class Authenticator:
         return who
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Authenticate every call but health and reflection before its handler runs;
-    a refused call ends UNAUTHENTICATED without reaching the handler."""
-
-    def __init__(self, authenticator: Authenticator) -> None:
-        self.authenticator = authenticator
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method or ""
-        if handler is None or method.startswith(OPEN_METHODS):
-            return handler
-        resolve = self.authenticator.resolve
-
-        async def authenticate(context: grpc.aio.ServicerContext) -> None:
-            try:
-                who = await resolve(context.invocation_metadata())
-            except Unauthenticated as exc:
-                await context.abort_with_status(exc.to_status())
-            except Exception as exc:  # the key store is unreachable: worth retrying
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"cannot check the API key now: {type(exc).__name__}",
-                )
-            # Each call runs in a task of its own, so the variable is this call's alone.
-            _current.set(who)
-
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await authenticate(context)
-                return await inner(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await authenticate(context)
-                async for item in inner_stream(request, context):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-
-        if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                await authenticate(context)
-                return await inner_su(requests, context)
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        inner_ss = handler.stream_stream
-
-        async def stream_stream(
-            requests: Any, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            await authenticate(context)
-            async for item in inner_ss(requests, context):
-                yield item
-
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+async def authenticate(authenticator: Authenticator, context: grpc.aio.ServicerContext) -> None:
+    """Resolve the caller of the current call and make it `principal()`; a refused
+    call ends UNAUTHENTICATED (UNAVAILABLE when the key store cannot be reached)."""
+    try:
+        who = await authenticator.resolve(context.invocation_metadata())
+    except Unauthenticated as exc:
+        await context.abort_with_status(exc.to_status())
+    except Exception as exc:  # the key store is unreachable: worth retrying
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"cannot check the API key now: {type(exc).__name__}",
         )
+    # Each call runs in a task of its own, so the variable is this call's alone.
+    _current.set(who)

@@ -191,13 +191,15 @@ async def publish_job(
     priority: int,
     headers: dict[str, Any] | None = None,
     routing_key: str | None = None,
+    timeout_s: float | None = None,
 ) -> None:
     """Publish a job to its lane (its tenant's queue with `routing_key`) and wait for
-    the broker's confirm."""
+    the broker's confirm (TimeoutError after `timeout_s`)."""
     await exchange.publish(
         job_amqp_message(message, priority, headers),
         routing_key=routing_key or lane,
         mandatory=True,
+        timeout=timeout_s,
     )
 
 

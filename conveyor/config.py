@@ -44,6 +44,16 @@ class Settings(BaseSettings):
     default_timeout_s: float = 600.0
     max_priority: int = 9
 
+    # Gateway.
+    gateway_processes: int = Field(default=1, ge=1)
+    """Gateway processes sharing the gateway port (SO_REUSEPORT): one runs on one core,
+    so a busy machine wants one per core. Needs a fixed gateway_port."""
+    grpc_reuse_port: bool = False
+    """Let other processes listen on the same gRPC port (set for a supervisor's processes)."""
+    gateway_group_interval_ms: float = Field(default=2.0, ge=0)
+    """Submits arriving within this long of the last INSERT wait and share the next one
+    (group commit); an idle gateway inserts at once."""
+
     # Worker.
     worker_lanes: tuple[str, ...] = LANES
     worker_concurrency: int = Field(default=256, ge=1)

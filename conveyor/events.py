@@ -2,13 +2,16 @@
 
 Status changes are also stored (job_events); token deltas travel only on the
 bus. The body is the contract's `JobEvent`, serialized protobuf, so the
-notifier forwards it to watchers without translating.
+notifier forwards it to watchers without translating; the status changes of
+many jobs at once (a busy gateway's submissions) travel as one `JobEventBatch`
+per tenant and status, each event with its trace.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aio_pika
@@ -22,6 +25,7 @@ from conveyor.telemetry import inject_headers
 from conveyor.v1 import events_pb2
 
 EVENT_CONTENT_TYPE = "application/x-protobuf; messageType=conveyor.v1.JobEvent"
+BATCH_CONTENT_TYPE = "application/x-protobuf; messageType=conveyor.v1.JobEventBatch"
 
 
 def _now() -> Timestamp:
@@ -90,3 +94,30 @@ class EventPublisher:
     async def publish_status(self, row: Mapping[str, Any], previous: str | None) -> None:
         """Publish a transition; it carries the trace context so the notifier's work joins the trace."""
         await self.publish(status_event(row, previous), inject_headers())
+
+    async def publish_statuses(
+        self, rows: Sequence[Mapping[str, Any]], previous: str | None
+    ) -> None:
+        """Publish the transitions of many jobs (each from `previous`): one message per
+        tenant and status, each event carrying its job's stored trace context."""
+        groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
+        for row in rows:
+            groups[(row["tenant"], row["status"])].append(row)
+        for (tenant, status), group in groups.items():
+            batch = events_pb2.JobEventBatch(
+                entries=[
+                    events_pb2.JobEventBatch.Entry(
+                        event=status_event(row, previous), traceparent=row["traceparent"] or ""
+                    )
+                    for row in group
+                ]
+            )
+            await self.exchange.publish(
+                aio_pika.Message(
+                    body=batch.SerializeToString(),
+                    content_type=BATCH_CONTENT_TYPE,
+                    delivery_mode=DeliveryMode.NOT_PERSISTENT,
+                ),
+                routing_key=event_routing_key(status, tenant),
+                mandatory=False,
+            )

@@ -14,13 +14,15 @@ process, registers the tenant in Postgres and announces it to the workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import Span, SpanKind, StatusCode
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor import broker
@@ -33,7 +35,7 @@ from conveyor.broker import (
 )
 from conveyor.db.jobs import mark_published
 from conveyor.db.tenants import ensure_tenant
-from conveyor.telemetry import inject_headers, traceparent_context, tracer
+from conveyor.telemetry import exporting, inject_headers, traceparent_context, tracer
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,10 @@ class TenantLanes:
         self.max_priority = max_priority
         self._ready: set[str] = set()
         self._pending: dict[str, asyncio.Future[None]] = {}
+
+    def declared(self, tenant: str) -> bool:
+        """Whether this process has declared the tenant's queues already."""
+        return tenant in self._ready
 
     async def ensure(self, tenant: str) -> None:
         """Make sure the tenant's queues exist; a set lookup once they do."""
@@ -123,12 +129,16 @@ class JobQueue:
         self._to_stamp: list[Any] = []
         self._stamping: asyncio.Task[None] | None = None
 
-    async def _publish(self, row: Mapping[str, Any]) -> bool:
-        # A republish (retry, recovery, outbox) joins the trace of the job's submit.
-        parent = traceparent_context(row.get("traceparent"))
-        with tracer().start_as_current_span(
+    def _span(self, row: Mapping[str, Any]) -> AbstractContextManager[Span | None]:
+        """The job's PRODUCER span, a child of its submit (a republish after a retry,
+        recovery or the outbox joins that trace too). Only when spans are exported:
+        otherwise the stored traceparent travels as it is, which keeps the job's trace
+        id without making a span per message."""
+        if not exporting():
+            return contextlib.nullcontext()
+        return tracer().start_as_current_span(
             f"{JOBS_EXCHANGE} publish",
-            context=parent,
+            context=traceparent_context(row.get("traceparent")),
             kind=SpanKind.PRODUCER,
             attributes={
                 "messaging.system": "rabbitmq",
@@ -137,33 +147,56 @@ class JobQueue:
                 "messaging.rabbitmq.destination.routing_key": row["lane"],
                 "conveyor.job.id": str(row["id"]),
             },
-        ) as span:
-            headers: dict[str, Any] = {**inject_headers(), PUBLISHED_AT_HEADER: time.time_ns()}
+        )
+
+    async def _publish(self, row: Mapping[str, Any], queues_ready: bool) -> bool:
+        with self._span(row) as span:
+            if span is not None:
+                headers: dict[str, Any] = inject_headers()
+            else:
+                traceparent = row.get("traceparent")
+                headers = {"traceparent": traceparent} if traceparent else {}
+            headers[PUBLISHED_AT_HEADER] = time.time_ns()
             tenant = row["tenant"]
             try:
-                if self.tenants is not None:
-                    await asyncio.wait_for(self.tenants.ensure(tenant), self.timeout_s)
-                await asyncio.wait_for(
-                    publish_job(
-                        self.exchange,
-                        JobMessage(job_id=row["id"], tenant=tenant),
-                        lane=row["lane"],
-                        priority=row["priority"],
-                        headers=headers,
-                        routing_key=job_routing_key(
-                            row["lane"], tenant if self.tenants is not None else None
-                        ),
+                if not queues_ready:
+                    raise ConnectionError(f"the lane queues of tenant {tenant} are not declared")
+                await publish_job(
+                    self.exchange,
+                    JobMessage(job_id=row["id"], tenant=tenant),
+                    lane=row["lane"],
+                    priority=row["priority"],
+                    headers=headers,
+                    routing_key=job_routing_key(
+                        row["lane"], tenant if self.tenants is not None else None
                     ),
-                    self.timeout_s,
+                    timeout_s=self.timeout_s,
                 )
                 return True
             except Exception as exc:  # broker down, channel closed, no confirm: the outbox retries
-                span.set_status(StatusCode.ERROR, repr(exc))
+                if span is not None:
+                    span.set_status(StatusCode.ERROR, repr(exc))
                 log.warning(
                     "publish failed; left to the outbox",
                     extra={"job_id": str(row["id"]), "error": repr(exc)},
                 )
                 return False
+
+    async def _ready_tenants(self, tenants: set[str]) -> set[str]:
+        """The tenants among `tenants` whose lane queues are declared (all of them, unless
+        the broker is unreachable)."""
+        if self.tenants is None:
+            return tenants
+        ready = {t for t in tenants if self.tenants.declared(t)}
+        for tenant in tenants - ready:
+            try:
+                await asyncio.wait_for(self.tenants.ensure(tenant), self.timeout_s)
+                ready.add(tenant)
+            except Exception as exc:  # the outbox publishes its jobs later
+                log.warning(
+                    "cannot declare a tenant's queues", extra={"tenant": tenant, "error": repr(exc)}
+                )
+        return ready
 
     async def enqueue(self, rows: Sequence[Mapping[str, Any]]) -> int:
         """Publish pending jobs; those the broker confirmed are stamped shortly after.
@@ -174,7 +207,8 @@ class JobQueue:
         """
         if not rows:
             return 0
-        results = await asyncio.gather(*(self._publish(r) for r in rows))
+        ready = await self._ready_tenants({r["tenant"] for r in rows})
+        results = await asyncio.gather(*(self._publish(r, r["tenant"] in ready) for r in rows))
         confirmed = [r["id"] for r, ok in zip(rows, results, strict=True) if ok]
         if confirmed:
             self._to_stamp.extend(confirmed)
@@ -183,8 +217,10 @@ class JobQueue:
         return len(confirmed)
 
     async def _stamp(self) -> None:
-        await asyncio.sleep(STAMP_DELAY_S)
         while self._to_stamp:
+            # Every UPDATE waits to gather, not only the first: under a steady stream of
+            # confirms a loop without it ran one UPDATE per job or two, back to back.
+            await asyncio.sleep(STAMP_DELAY_S)
             ids, self._to_stamp = self._to_stamp, []
             try:
                 await mark_published(self.engine, ids)

@@ -73,12 +73,17 @@ class Outcome:
     """For a retry: the wait, counted from the moment this outcome is written."""
 
 
-def _values(job: NewJob, now: datetime) -> dict[str, Any]:
+def _status(job: NewJob, now: datetime) -> str:
+    """A new job's first status: scheduled when its run_at lies ahead."""
     scheduled = job.run_at is not None and job.run_at > now
+    return (JobState.SCHEDULED if scheduled else JobState.PENDING).value
+
+
+def _values(job: NewJob, now: datetime) -> dict[str, Any]:
     return {
         "id": job.id,
         "tenant": job.tenant,
-        "status": (JobState.SCHEDULED if scheduled else JobState.PENDING).value,
+        "status": _status(job, now),
         "lane": job.lane,
         "priority": job.priority,
         "model": job.model,
@@ -99,57 +104,38 @@ def _values(job: NewJob, now: datetime) -> dict[str, Any]:
     }
 
 
-_INSERT = sa.text(
-    """
+_INSERT = """
 WITH ins AS (
   INSERT INTO jobs (id, tenant, status, lane, priority, model, request, labels, idempotency_key,
                     request_hash, max_attempts, timeout_ms, webhook_url, run_at, trace_id,
                     traceparent, webhook_all_events, seq, created_at, updated_at)
   SELECT j.id, j.tenant, j.status, j.lane, j.priority, j.model, j.request::jsonb, j.labels::jsonb,
          j.idempotency_key, j.request_hash, j.max_attempts, j.timeout_ms, j.webhook_url, j.run_at,
-         j.trace_id, j.traceparent, j.webhook_all_events, 1, :now, :now
-    FROM unnest(:ids, :tenants, :statuses, :lanes, :priorities, :models, :requests, :labels,
-                :keys, :hashes, :max_attempts, :timeouts, :webhooks, :run_ats, :trace_ids,
-                :traceparents, :webhook_all)
+         j.trace_id, j.traceparent, j.webhook_all_events, 1, $1, $1
+    FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::text[],
+                $8::text[], $9::text[], $10::text[], $11::text[], $12::int2[], $13::int4[],
+                $14::text[], $15::timestamptz[], $16::text[], $17::text[], $18::bool[])
       AS j(id, tenant, status, lane, priority, model, request, labels, idempotency_key,
            request_hash, max_attempts, timeout_ms, webhook_url, run_at, trace_id, traceparent,
            webhook_all_events)
   ON CONFLICT ON CONSTRAINT jobs_tenant_idempotency_key DO NOTHING
-  RETURNING *
+  RETURNING id
 ), ev AS (
   INSERT INTO job_events (job_id, seq, status, previous, attempt, detail, created_at, actor)
-  SELECT ins.id, 1, ins.status, NULL, 0, NULL, ins.created_at, a.actor
-    FROM ins JOIN unnest(:ids, :actors) AS a(id, actor) ON a.id = ins.id
+  SELECT a.id, 1, a.status, NULL, 0, NULL, $1, a.actor
+    FROM unnest($2::uuid[], $4::text[], $19::text[]) AS a(id, status, actor) JOIN ins USING (id)
 )
-SELECT * FROM ins
+SELECT id FROM ins
 """
-).bindparams(
-    sa.bindparam("now", type_=sa.DateTime(timezone=True)),
-    sa.bindparam("ids", type_=sa.ARRAY(UUID(as_uuid=True))),
-    *(
-        sa.bindparam(name, type_=sa.ARRAY(sa.Text))
-        for name in (
-            "actors",
-            "tenants",
-            "statuses",
-            "lanes",
-            "models",
-            "requests",
-            "labels",
-            "keys",
-            "hashes",
-            "webhooks",
-            "trace_ids",
-            "traceparents",
-        )
-    ),
-    *(
-        sa.bindparam(name, type_=sa.ARRAY(sa.Integer))
-        for name in ("priorities", "max_attempts", "timeouts")
-    ),
-    sa.bindparam("run_ats", type_=sa.ARRAY(sa.DateTime(timezone=True))),
-    sa.bindparam("webhook_all", type_=sa.ARRAY(sa.Boolean)),
-)
+
+_COLUMNS = tuple(jobs.c.keys())
+
+
+def new_row(job: NewJob, now: datetime) -> Row:
+    """The row `insert_jobs` stores for `job` at `now`, every column included."""
+    row: dict[str, Any] = dict.fromkeys(_COLUMNS)
+    row.update(_values(job, now), attempts=0, cancel_requested_at=None)
+    return row
 
 
 async def insert_jobs(
@@ -161,33 +147,34 @@ async def insert_jobs(
 
     Returns the rows inserted (in no particular order); a job absent from the
     result collided with an earlier job's idempotency key. One statement of a fixed
-    shape whatever the batch size, so it is prepared once.
+    shape whatever the batch size, so it is prepared once; its parameters go to the
+    driver as they are (SQLAlchemy's per-element processing of array parameters cost
+    more than the statement), and only the ids come back: the rest is known here.
     """
     now = utcnow()
-    values = [_values(j, now) for j in new_jobs]
-    params = {
-        "now": now,
-        "actors": list(actors),
-        "ids": [v["id"] for v in values],
-        "tenants": [v["tenant"] for v in values],
-        "statuses": [v["status"] for v in values],
-        "lanes": [v["lane"] for v in values],
-        "priorities": [v["priority"] for v in values],
-        "models": [v["model"] for v in values],
-        "requests": [orjson.dumps(v["request"]).decode() for v in values],
-        "labels": [orjson.dumps(v["labels"]).decode() for v in values],
-        "keys": [v["idempotency_key"] for v in values],
-        "hashes": [v["request_hash"] for v in values],
-        "max_attempts": [v["max_attempts"] for v in values],
-        "timeouts": [v["timeout_ms"] for v in values],
-        "webhooks": [v["webhook_url"] for v in values],
-        "run_ats": [v["run_at"] for v in values],
-        "trace_ids": [v["trace_id"] for v in values],
-        "traceparents": [v["traceparent"] for v in values],
-        "webhook_all": [v["webhook_all_events"] for v in values],
-    }
-    rows: list[Row] = [dict(r) for r in (await conn.execute(_INSERT, params)).mappings()]
-    return rows
+    params = (
+        now,
+        [j.id for j in new_jobs],
+        [j.tenant for j in new_jobs],
+        [_status(j, now) for j in new_jobs],
+        [j.lane for j in new_jobs],
+        [j.priority for j in new_jobs],
+        [j.model for j in new_jobs],
+        [orjson.dumps(j.request).decode() for j in new_jobs],
+        [orjson.dumps(j.labels).decode() for j in new_jobs],
+        [j.idempotency_key for j in new_jobs],
+        [j.request_hash for j in new_jobs],
+        [j.max_attempts for j in new_jobs],
+        [j.timeout_ms for j in new_jobs],
+        [j.webhook_url for j in new_jobs],
+        [j.run_at for j in new_jobs],
+        [j.trace_id for j in new_jobs],
+        [j.traceparent for j in new_jobs],
+        [j.webhook_all_events for j in new_jobs],
+        list(actors),
+    )
+    inserted = {r[0] for r in await conn.exec_driver_sql(_INSERT, params)}
+    return [new_row(j, now) for j in new_jobs if j.id in inserted]
 
 
 async def get_by_idempotency_key(conn: AsyncConnection, tenant: str, key: str) -> Row | None:
@@ -207,18 +194,17 @@ async def get_job(
     return dict(row) if row else None
 
 
+_MARK_PUBLISHED = (
+    "UPDATE jobs SET published_at = now() WHERE id = ANY($1::uuid[]) AND published_at IS NULL"
+)
+
+
 async def mark_published(engine: AsyncEngine, job_ids: Sequence[uuid.UUID]) -> None:
     """Record that the broker confirmed these jobs' messages (the outbox is cleared)."""
     if not job_ids:
         return
     async with engine.connect() as conn:
-        await conn.execute(
-            sa.update(jobs)
-            .where(jobs.c.id == sa.any_(sa.bindparam("ids", type_=sa.ARRAY(UUID(as_uuid=True)))))
-            .where(jobs.c.published_at.is_(None))
-            .values(published_at=sa.func.now()),
-            {"ids": list(job_ids)},
-        )
+        await conn.exec_driver_sql(_MARK_PUBLISHED, (list(job_ids),))
 
 
 @dataclass(frozen=True)

@@ -328,3 +328,57 @@ class Progress(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Progress: _TypeAlias = Progress  # noqa: Y015
+
+@_typing.final
+class JobEventBatch(_message.Message):
+    """JobEventBatch carries several status changes in one message on the
+    internal bus (exchange conveyor.events), as a busy gateway publishes the
+    submissions of many jobs at once. Watch streams never send it: the notifier
+    unpacks it into the JobEvents it holds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Entry(_message.Message):
+        """One event, with the trace it belongs to."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        EVENT_FIELD_NUMBER: _builtins.int
+        TRACEPARENT_FIELD_NUMBER: _builtins.int
+        traceparent: _builtins.str
+        """W3C traceparent of the job's trace, so the notifier's work joins it."""
+        @_builtins.property
+        def event(self) -> Global___JobEvent:
+            """The event, as a watch stream would send it."""
+
+        def __init__(
+            self,
+            *,
+            event: Global___JobEvent | None = ...,
+            traceparent: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "traceparent", b"traceparent"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobEventBatch.Entry]:
+        """The events, in the order they happened."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___JobEventBatch.Entry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobEventBatch: _TypeAlias = JobEventBatch  # noqa: Y015

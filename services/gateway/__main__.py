@@ -1,11 +1,15 @@
 """`python -m services.gateway`: run the gateway until SIGTERM."""
 
+from conveyor.config import get_settings
 from conveyor.runtime import run_service
 from services.gateway.app import serve
 
 
 def main() -> None:
-    run_service("gateway", serve)
+    settings = get_settings()
+    run_service(
+        "gateway", serve, processes=settings.gateway_processes if settings.gateway_port else 1
+    )
 
 
 if __name__ == "__main__":

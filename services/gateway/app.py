@@ -64,6 +64,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await stop.wait()
         await health.enter_graceful_shutdown()
         await server.stop(grace=5)
+        await servicer.close()
         await queue.close()
         await returning
         await quota.budget.return_all()

@@ -2,27 +2,39 @@
 
 Each submit hands its jobs to `GroupInsert.insert` and gets back the rows that were
 inserted (a job absent from the answer collided with an idempotency key). At most
-`statements` INSERTs run at once; the submits that arrive meanwhile wait and go
-together in the next one, up to `max_rows` jobs. So an idle gateway inserts each
-submit at once, alone; a busy one spends one statement, one round trip and one
-commit on many submits instead of one each.
+`statements` INSERTs run at once, and one starts at most every `interval_s`; the
+submits that arrive meanwhile wait and go together in the next one, up to
+`max_rows` jobs. So an idle gateway inserts each submit at once, alone; a busy one
+spends one statement, one round trip and one commit on many submits instead of
+one each. Postgres spends about 0.3 ms of CPU per statement and 0.04 ms per row
+(measured here), so the pacing is what keeps a busy gateway's statements few:
+without it they follow each other as fast as they return, with a job or two each.
 
 The statements run in tasks of their own, so a submit cancelled while it waits
 (its client went away) interrupts no one else's INSERT; its jobs may still be
 inserted, and the outbox publishes them.
+
+`after_commit` gets every statement's new rows once they are committed and its
+submits have their answers: it publishes them (services.gateway.servicer). The
+statement's task waits for it before taking more submits, so publishing keeps up
+with accepting: when it cannot, submits wait here and the next statements grow,
+which is also what makes their publishing cheaper per job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.db import jobs as db
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,8 +45,18 @@ class _Waiting:
 
 
 class GroupInsert:
-    def __init__(self, engine: AsyncEngine, statements: int = 2, max_rows: int = 500) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        statements: int = 2,
+        max_rows: int = 500,
+        after_commit: Callable[[list[db.Row]], Awaitable[None]] | None = None,
+        interval_s: float = 0.0,
+    ) -> None:
         self.engine = engine
+        self.after_commit = after_commit
+        self.interval_s = interval_s
+        self._next_start = 0.0
         self.max_rows = max_rows
         self._free = statements
         self._starting = False
@@ -59,9 +81,15 @@ class GroupInsert:
             task.add_done_callback(self._tasks.discard)
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         first = True
         try:
             while self._waiting:
+                pause = self._next_start - loop.time()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                    continue  # another statement may have started meanwhile
+                self._next_start = loop.time() + self.interval_s
                 batch = self._take()
                 if first:
                     first = False
@@ -100,3 +128,13 @@ class GroupInsert:
         for item in batch:
             if not item.done.done():
                 item.done.set_result({j.id: inserted[j.id] for j in item.jobs if j.id in inserted})
+        if inserted and self.after_commit is not None:
+            try:
+                await self.after_commit(list(inserted.values()))
+            except Exception as exc:  # the jobs are committed: the outbox publishes them
+                log.warning("publishing committed jobs failed", extra={"error": repr(exc)})
+
+    async def close(self) -> None:
+        """Wait for the statements under way and what follows their commits."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -11,9 +11,11 @@ history of a job names who submitted, cancelled or replayed it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -94,7 +96,11 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         self.events = events
         self.events_exchange = events_exchange
         self.connection = connection
-        self.inserts = GroupInsert(engine)
+        self.inserts = GroupInsert(
+            engine,
+            after_commit=self._announce,
+            interval_s=settings.gateway_group_interval_ms / 1000,
+        )
         self.quota = quota or SubmitQuota(
             engine, settings.tenant_submit_per_minute, batch_s=settings.rate_limit_batch_s
         )
@@ -171,15 +177,33 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         except (OperationalError, DBAPIError, OSError) as exc:
             log.error("cannot make jobs durable", extra={"error": repr(exc)})
             raise Unavailable("the job store is unavailable; nothing was accepted") from exc
-        fresh = [row for row, replay in results if not replay]
-        await self.queue.enqueue([r for r in fresh if r["status"] == JobState.PENDING])
-        for row in fresh:
-            JOBS_SUBMITTED.labels(row["lane"]).inc()
-            await self._emit(row, None)
         return [
             jobs_pb2.SubmitJobResponse(job=job_to_proto(row), idempotent_replay=replay)
             for row, replay in results
         ]
+
+    async def _announce(self, rows: list[db.Row]) -> None:
+        """New jobs are committed: publish their events and queue them.
+
+        SubmitJob has answered already (GroupInsert): accepted means committed, and a
+        job whose publish fails (or never happens, the gateway dying first) is the
+        outbox reconciler's to publish.
+        """
+        for lane, n in Counter(row["lane"] for row in rows).items():
+            JOBS_SUBMITTED.labels(lane).inc(n)
+        # The jobs' messages first: a worker waits for them; the events only tell watchers.
+        queued = asyncio.create_task(
+            self.queue.enqueue([r for r in rows if r["status"] == JobState.PENDING])
+        )
+        try:
+            await self.events.publish_statuses(rows, None)
+        except Exception as exc:  # events are advisory; the rows are the record
+            log.warning("event publish failed", extra={"jobs": len(rows), "error": repr(exc)})
+        await queued
+
+    async def close(self) -> None:
+        """Finish the inserts under way and announce the jobs committed so far."""
+        await self.inserts.close()
 
     async def _emit(self, row: Mapping[str, Any], previous: str | None) -> None:
         try:

@@ -27,12 +27,14 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from google.protobuf.message import DecodeError
 from opentelemetry.trace import SpanKind
 
 from conveyor.catchup import TextSoFar
+from conveyor.events import BATCH_CONTENT_TYPE
 from conveyor.states import JobState
 from conveyor.telemetry import context_from_headers, tracer
 from conveyor.v1 import events_pb2, jobs_pb2
@@ -349,11 +351,20 @@ class Hub:
         return subs or tenant_subs or ()
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
+        entries: list[tuple[events_pb2.JobEvent, Mapping[str, Any] | None]]
         try:
-            event = events_pb2.JobEvent.FromString(message.body)
+            if message.content_type == BATCH_CONTENT_TYPE:
+                batch = events_pb2.JobEventBatch.FromString(message.body)
+                entries = [(e.event, {"traceparent": e.traceparent}) for e in batch.entries]
+            else:
+                entries = [(events_pb2.JobEvent.FromString(message.body), message.headers)]
         except DecodeError:
             log.warning("undecodable event dropped", extra={"routing_key": message.routing_key})
             return
+        for event, headers in entries:
+            self._deliver(event, headers)
+
+    def _deliver(self, event: events_pb2.JobEvent, headers: Mapping[str, Any] | None) -> None:
         self.events_seen += 1
         self._record(event)
         targets = self._targets(event)
@@ -366,7 +377,7 @@ class Hub:
         # A status change joins the job's trace: its publisher put the context in the headers.
         with tracer().start_as_current_span(
             "notify watchers",
-            context=context_from_headers(message.headers),
+            context=context_from_headers(headers),
             kind=SpanKind.CONSUMER,
             attributes={
                 "conveyor.job.id": event.job_id,

@@ -177,7 +177,9 @@ class JobRunner:
         self.inflight[job.job_id] = entry
         IN_FLIGHT.inc()
         try:
-            await self._emit(row, "pending")
+            # The RUNNING event goes out while the call starts: the channel keeps the
+            # order of its publishes, so it still precedes the attempt's deltas.
+            entry.publishing = asyncio.create_task(self._emit(row, "pending"))
             try:
                 outcome = await self._run(row, entry)
             except asyncio.CancelledError:

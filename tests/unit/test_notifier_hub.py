@@ -8,6 +8,7 @@ from typing import Any, cast
 from aio_pika.abc import AbstractIncomingMessage
 
 from conveyor.catchup import TextSoFar
+from conveyor.events import BATCH_CONTENT_TYPE, EVENT_CONTENT_TYPE
 from conveyor.v1 import events_pb2, jobs_pb2
 from services.notifier.hub import Hub, Watcher
 
@@ -34,12 +35,16 @@ def delta(seq: int, text: str, pieces: int, attempt: int = 1) -> events_pb2.JobE
     )
 
 
+def bus_message(body: bytes, content_type: str = EVENT_CONTENT_TYPE) -> AbstractIncomingMessage:
+    message: Any = SimpleNamespace(
+        body=body, headers={}, routing_key="job.x.t", content_type=content_type
+    )
+    return cast(AbstractIncomingMessage, message)
+
+
 async def feed(hub: Hub, *events: events_pb2.JobEvent) -> None:
     for event in events:
-        message: Any = SimpleNamespace(
-            body=event.SerializeToString(), headers={}, routing_key="job.x.t"
-        )
-        await hub.on_message(cast(AbstractIncomingMessage, message))
+        await hub.on_message(bus_message(event.SerializeToString()))
 
 
 def texts(events: list[events_pb2.JobEvent]) -> str:
@@ -127,3 +132,24 @@ async def test_a_lost_bus_connection_ends_every_stream_and_forgets_the_logs() ->
     hub.reset()
 
     assert watcher.broken and not hub.logs and hub.bytes == 0
+
+
+async def test_a_batch_of_status_changes_reaches_each_jobs_watchers_in_order() -> None:
+    hub = Hub()
+    other = "7c1d0c4e-0000-4000-8000-000000000002"
+    mine, theirs = Watcher("t", 16), Watcher("t", 16)
+    hub.watch_job(mine, JOB)
+    hub.watch_job(theirs, other)
+    first, second = running(10), running(20)
+    second.job_id = other
+    later = running(30, attempt=2)
+    batch = events_pb2.JobEventBatch(
+        entries=[
+            events_pb2.JobEventBatch.Entry(event=e, traceparent="") for e in (first, second, later)
+        ]
+    )
+    await hub.on_message(bus_message(batch.SerializeToString(), BATCH_CONTENT_TYPE))
+
+    assert [e.sequence for e in mine.queue] == [10, 30]
+    assert [e.sequence for e in theirs.queue] == [20]
+    assert hub.events_seen == 3
