@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PROTO_FILES := $(wildcard protos/conveyor/v1/*.proto)
 
-.PHONY: help install protos check-protos lint-protos lint typecheck test up down demo bench clean
+.PHONY: help install protos check-protos lint-protos lint typecheck test up down demo bench bench-tools clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -50,8 +50,17 @@ down:  ## stop what `make up` started
 demo:  ## submit a demo job and stream its tokens
 	$(PY) -m conveyor.devstack demo
 
-bench: install  ## run the benchmark scenarios, print and save the figures
+bench: install bench-tools  ## run the benchmark scenarios, print and save the figures
 	$(PY) -m bench
+
+bench-tools:  ## install h2load (Debian's nghttp2-client), the bench's C load generator, if missing
+	@command -v h2load >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q nghttp2-client >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q nghttp2-client >/dev/null 2>&1; }; \
+	  fi; \
+	  command -v h2load >/dev/null || echo "h2load not installed (apt-get install nghttp2-client): the bench uses Python clients only"; \
+	}
 
 clean:  ## remove the run folder and caches
 	rm -rf run .mypy_cache .ruff_cache .pytest_cache

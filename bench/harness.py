@@ -232,16 +232,32 @@ def cpu_ticks(pid: int, children: bool = False) -> int:
     return ticks
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants now (a supervised service's processes)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in task.read_text().split()]
+            except (OSError, ValueError):
+                continue
+    return found
+
+
 def memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS (resident now) and VmHWM (peak resident) of a process, in KiB."""
+    """VmRSS (resident now) and VmHWM (peak resident) of a process and its descendants
+    (summed), in KiB."""
     out: dict[str, int] = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(rest.split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
+    for member in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = out.get(key, 0) + int(rest.split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
     return out
 
 
@@ -289,7 +305,8 @@ class ResourceMeter:
 
     `pids` maps a name to the pid of one of our services, or is a callable giving
     that mapping now (services restarted meanwhile are then followed: call `poll()`
-    now and then; a process first seen after `start()` counts from its birth). The
+    now and then; a process first seen after `start()` counts from its birth). A
+    service's child processes (a supervised gateway's) count as the service. The
     RabbitMQ and Postgres servers are measured whole: they are shared with anything
     else that uses them on this machine. `client` is this benchmark process.
     """
@@ -302,7 +319,11 @@ class ResourceMeter:
 
     def _current(self) -> dict[tuple[str, int], int]:
         pids = self._pids() if callable(self._pids) else self._pids
-        ticks = {(name, pid): cpu_ticks(pid) for name, pid in pids.items()}
+        ticks = {
+            (name, member): cpu_ticks(member)
+            for name, pid in pids.items()
+            for member in process_tree(pid)
+        }
         rabbit = rabbit_pid()
         if rabbit is not None:
             ticks[("rabbitmq", rabbit)] = cpu_ticks(rabbit)

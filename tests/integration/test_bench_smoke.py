@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,21 +21,27 @@ ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ["submit", "end-to-end", "storm", "streaming", "backlog", "cost"]
 
 
-@pytest.mark.timeout(300)
-def test_a_quick_bench_run_writes_a_well_formed_results_file(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+def run_module(*args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """`python -m <args>` from the project root; it must succeed."""
     # The bench makes its own stack: none of this session's settings (nor its tracing).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVEYOR_", "SIM_", "OTEL_"))}
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out), *SCENARIOS],
+        [sys.executable, "-m", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=timeout_s,
         check=False,
     )
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+@pytest.mark.timeout(300)
+def test_a_quick_bench_run_writes_a_well_formed_results_file(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = run_module("bench", "--quick", "--out", str(out), *SCENARIOS, timeout_s=280)
     assert "scenario" in done.stdout and str(out) in done.stdout  # the table, the file
 
     doc = json.loads(out.read_text())
@@ -56,6 +63,10 @@ def test_a_quick_bench_run_writes_a_well_formed_results_file(tmp_path: Path) -> 
         cpu = scenario["resources"]["cpu_ms"]
         assert {"gateway", "rabbitmq", "postgres", "client", "wall"} <= set(cpu), name
 
+    # The submit runs use h2load when it is installed, Python clients in any case.
+    expected = ["h2load", "python"] if shutil.which("h2load") else ["python"]
+    assert doc["scenarios"]["submit"]["extra"]["load_generators"] == expected
+
     # The run stopped what it started and removed its vhost.
     vhosts = subprocess.run(
         ["rabbitmqctl", "-q", "list_vhosts", "name"], capture_output=True, text=True, check=True
@@ -68,3 +79,13 @@ def _bench_pid(doc: dict[str, object]) -> str:
     config = doc["config"]
     assert isinstance(config, dict)
     return str(config["pid"])
+
+
+@pytest.mark.timeout(180)
+def test_the_floor_measurements_run_and_write_their_figures(tmp_path: Path) -> None:
+    out = tmp_path / "floors.json"
+    run_module("bench.floors", "--calls", "300", "--out", str(out), timeout_s=170)
+    figures = json.loads(out.read_text())["us"]
+    assert any(k.startswith("grpc.aio server") for k in figures)
+    assert any(k.startswith("Postgres") for k in figures)
+    assert all(value > 0 for value in figures.values()), figures

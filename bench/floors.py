@@ -1,0 +1,340 @@
+"""floors: what each building block of a job costs on this machine, alone.
+
+The speed targets are bounded by per-call costs that Conveyor's own code does not
+set: a gRPC call in Python, a persistent AMQP publish with confirm, a Postgres
+commit, an anthropic SDK call. This measures each one by itself, on the same
+local servers as `make bench`, so the bounds quoted in the README can be
+reproduced:
+
+- grpc.aio server: CPU per unary call of a server that does nothing (h2load,
+  else Python clients, 50 connections, closed loop);
+- grpc.aio client: CPU per call of the Python clients the bench also uses;
+- aio-pika publish: CPU per persistent message with confirm, in the publisher and
+  in RabbitMQ (a durable priority queue like a lane's, in a vhost of its own);
+- Postgres: CPU per job of the gateway's INSERT (with the job's history row and
+  the triggers), one job per statement and 50;
+- anthropic SDK: CPU per streamed call against the simulator at 0 ms, beside a
+  plain aiohttp request for the same answer.
+
+    python -m bench.floors [--calls N] [--out FILE]   # prints the figures and writes them
+                                                       # (default bench/results/floors-<UTC>.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+import asyncpg
+import grpc
+import orjson
+
+from bench import h2load, report
+from bench.harness import (
+    cpu_ticks,
+    gateway_clients,
+    postgres_ticks,
+    rabbit_pid,
+    submit_load,
+)
+from conveyor import broker, sandbox
+from conveyor.config import Settings
+from conveyor.db import jobs as db
+from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENTS = 50
+MODEL = "claude-sonnet-4-5"
+TICK_MS = 1000.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _request(i: int = 0) -> jobs_pb2.SubmitJobRequest:
+    return jobs_pb2.SubmitJobRequest(
+        model=MODEL,
+        messages=[jobs_pb2.Message(role="user", content=f"benchmark job {i}: say something")],
+        max_tokens=64,
+    )
+
+
+def _own_cpu_ms() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return (r.ru_utime + r.ru_stime) * 1000.0
+
+
+async def _per_call_us(
+    n: int, run: Callable[[], Awaitable[None]], *others: Callable[[], int]
+) -> tuple[float, ...]:
+    """µs of CPU per call: this process's, then each of `others` (tick counters)."""
+    before = [f() for f in others]
+    mine = _own_cpu_ms()
+    await run()
+    own = (_own_cpu_ms() - mine) * 1000.0 / n
+    return (own, *((f() - b) * TICK_MS * 1000.0 / n for f, b in zip(others, before, strict=True)))
+
+
+# --------------------------------------------------------------------------- gRPC
+
+
+class _Nothing(jobs_pb2_grpc.JobServiceServicer):
+    async def SubmitJob(
+        self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.SubmitJobResponse:
+        return jobs_pb2.SubmitJobResponse(job=jobs_pb2.Job(id=str(uuid.UUID(int=1))))
+
+
+async def _serve_nothing(port: int) -> None:
+    server = grpc.aio.server()
+    # Only SubmitJob is called; the stubs' other methods answer UNIMPLEMENTED.
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(_Nothing(), server)  # type: ignore[abstract]
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def grpc_floors(calls: int) -> dict[str, float]:
+    port = sandbox.free_port()
+    target = f"127.0.0.1:{port}"
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.floors", "--serve-grpc", str(port), cwd=ROOT
+    )
+    try:
+        async with gateway_clients(target, 1):
+            pass  # it is up
+        out: dict[str, float] = {}
+        if h2load.available():
+            spent = await _server_us(server.pid, lambda: _h2(target, calls))
+            out["grpc.aio server, CPU per call (h2load)"] = spent / calls
+        requests = [_request(i) for i in range(calls)]
+
+        async def python_load() -> None:
+            await submit_load(target, requests, CLIENTS)
+
+        client_us, server_us = await _per_call_us(calls, python_load, lambda: cpu_ticks(server.pid))
+        out["grpc.aio client (Python), CPU per call"] = client_us
+        out["grpc.aio server, CPU per call (Python clients)"] = server_us
+        return out
+    finally:
+        server.terminate()
+        await server.wait()
+
+
+async def _h2(target: str, calls: int) -> None:
+    await h2load.submit_load(target, _request(), calls, CLIENTS)
+
+
+async def _server_us(pid: int, run: Callable[[], Awaitable[None]]) -> float:
+    before = cpu_ticks(pid)
+    await run()
+    return (cpu_ticks(pid) - before) * TICK_MS * 1000.0
+
+
+# --------------------------------------------------------------------------- RabbitMQ
+
+
+async def amqp_floors(url: str, messages: int) -> dict[str, float]:
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(
+            f"floors-{uuid.uuid4().hex[:8]}",
+            durable=True,
+            arguments={"x-queue-type": "classic", "x-max-priority": 9},
+        )
+        body = broker.JobMessage(uuid.uuid4(), "default").encode()
+        headers = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+
+        async def publish() -> None:
+            for _ in range(0, messages, CLIENTS):
+                await asyncio.gather(
+                    *(
+                        channel.default_exchange.publish(
+                            aio_pika.Message(
+                                body,
+                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                priority=1,
+                                headers={**headers, broker.PUBLISHED_AT_HEADER: time.time_ns()},
+                            ),
+                            routing_key=queue.name,
+                        )
+                        for _ in range(CLIENTS)
+                    )
+                )
+            await asyncio.sleep(0.5)  # let RabbitMQ settle what it still writes
+
+        rabbit = rabbit_pid()
+        client_us, rabbit_us = await _per_call_us(
+            messages, publish, lambda: cpu_ticks(rabbit) if rabbit else 0
+        )
+        await queue.delete(if_unused=False, if_empty=False)
+        return {
+            "aio-pika publish (persistent, confirmed), publisher CPU per message": client_us,
+            "RabbitMQ CPU per persistent message (priority queue)": rabbit_us,
+        }
+    finally:
+        await connection.close()
+
+
+# --------------------------------------------------------------------------- Postgres
+
+
+async def postgres_floors(database_url: str, rows: int) -> dict[str, float]:
+    pool = await asyncpg.create_pool(database_url.replace("+asyncpg", ""), min_size=4, max_size=4)
+    out: dict[str, float] = {}
+    try:
+        for batch in (1, 50):
+
+            async def insert(size: int = batch) -> None:
+                jobs = [
+                    db.NewJob(
+                        tenant="default",
+                        model=MODEL,
+                        request={"max_tokens": 64, "messages": []},
+                        lane="default",
+                        priority=0,
+                        max_attempts=3,
+                        timeout_ms=600_000,
+                        request_hash="0" * 64,
+                    )
+                    for _ in range(size)
+                ]
+                now = datetime.now(UTC)
+                params = (
+                    now,
+                    [j.id for j in jobs],
+                    [j.tenant for j in jobs],
+                    ["pending"] * size,
+                    [j.lane for j in jobs],
+                    [0] * size,
+                    [j.model for j in jobs],
+                    [orjson.dumps(j.request).decode() for j in jobs],
+                    ["{}"] * size,
+                    [None] * size,
+                    [j.request_hash for j in jobs],
+                    [3] * size,
+                    [600_000] * size,
+                    [None] * size,
+                    [None] * size,
+                    [None] * size,
+                    [None] * size,
+                    [False] * size,
+                    ["floors"] * size,
+                )
+                async with pool.acquire() as conn:
+                    await conn.fetch(db._INSERT, *params)
+
+            statements = max(1, rows // batch)
+
+            async def run(n: int = statements, one: Callable[[], Awaitable[None]] = insert) -> None:
+                sem = asyncio.Semaphore(4)
+
+                async def go() -> None:
+                    async with sem:
+                        await one()
+
+                await asyncio.gather(*(go() for _ in range(n)))
+
+            _, pg_us = await _per_call_us(statements * batch, run, postgres_ticks)
+            out[f"Postgres CPU per job, INSERTs of {batch} job(s) each"] = pg_us
+    finally:
+        await pool.close()
+    return out
+
+
+# --------------------------------------------------------------------------- SDK
+
+
+async def sdk_floors(calls: int) -> dict[str, float]:
+    from services.worker.provider import Provider
+
+    settings = Settings()
+    simulator = settings.provider_base_url
+    body = {"max_tokens": 64, "messages": [{"role": "user", "content": "say something"}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{simulator}/control", json={"latency_ms": 0}) as resp:
+            await resp.json()
+
+        async def raw() -> None:
+            for _ in range(calls):
+                async with http.post(
+                    f"{simulator}/v1/messages",
+                    json={**body, "model": MODEL, "stream": True},
+                    headers={"x-api-key": "simulator", "anthropic-version": "2023-06-01"},
+                ) as resp:
+                    await resp.read()
+
+        raw_us, *_ = await _per_call_us(calls, raw)
+    provider = Provider(settings)
+    try:
+
+        async def sdk() -> None:
+            for _ in range(calls):
+                await provider.stream(MODEL, body, lambda text: None)
+
+        sdk_us, *_ = await _per_call_us(calls, sdk)
+    finally:
+        await provider.close()
+    return {
+        "plain aiohttp streamed request to the simulator, CPU per call": raw_us,
+        "anthropic SDK streamed call (services.worker.provider), CPU per call": sdk_us,
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+async def measure(backing: sandbox.Backing, calls: int) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    figures |= await grpc_floors(calls)
+    figures |= await amqp_floors(backing.amqp_url, calls)
+    figures |= await postgres_floors(backing.database_url, calls)
+    figures |= await sdk_floors(max(100, calls // 20))
+    return figures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.floors", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--calls", type=int, default=10_000, help="calls per measurement")
+    parser.add_argument(
+        "--out", type=Path, help="the JSON file (default: bench/results/floors-<UTC>.json)"
+    )
+    parser.add_argument("--serve-grpc", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_grpc:
+        import uvloop
+
+        uvloop.run(_serve_nothing(args.serve_grpc))
+        return 0
+    machine = report.machine(ROOT)
+    with sandbox.backing_services(f"conveyor-floors-{os.getpid()}") as backing:
+        stack = sandbox.Stack(backing, ROOT / "run" / "floors" / str(os.getpid()))
+        try:
+            stack.start("simulator")
+            import uvloop
+
+            figures = uvloop.run(measure(backing, args.calls))
+        finally:
+            stack.stop_all()
+    print(f"Conveyor floors — {report.describe_machine(machine)}")
+    for label, value in figures.items():
+        print(f"  {label}: {value:,.0f} µs")
+    out = args.out or ROOT / "bench" / "results" / f"floors-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    out.write_text(json.dumps({"machine": machine, "calls": args.calls, "us": figures}, indent=1))
+    print(f"figures written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
