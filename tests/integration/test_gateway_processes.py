@@ -43,8 +43,11 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def connections_on(pid: int, port: int) -> int:
-    """Established TCP connections of process `pid` whose local port is `port`."""
+ESTABLISHED, LISTEN = "01", "0A"
+
+
+def connections_on(pid: int, port: int, state: str = ESTABLISHED) -> int:
+    """TCP sockets of process `pid` in `state` whose local port is `port`."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -57,8 +60,8 @@ def connections_on(pid: int, port: int) -> int:
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "01" and inode in inodes and int(local.rsplit(":", 1)[1], 16) == port:
+            local, inode = fields[1], fields[9]
+            if fields[3] == state and inode in inodes and int(local.rsplit(":", 1)[1], 16) == port:
                 count += 1
     return count
 
@@ -76,7 +79,9 @@ async def gateway(stack: Stack, api_key: str) -> AsyncIterator[tuple[str, int, i
     )
     pid = stack.pid(name)
     assert pid is not None
-    await eventually(lambda: _ready(pid), within_s=20)
+    # The stack calls it ready when one process answers; connections made before the
+    # others listen stay with that one, so wait until every process listens.
+    await eventually(lambda: _ready(pid, port), within_s=20)
     try:
         yield f"127.0.0.1:{port}", pid, metrics
     finally:
@@ -84,8 +89,9 @@ async def gateway(stack: Stack, api_key: str) -> AsyncIterator[tuple[str, int, i
             stack.stop(name)
 
 
-async def _ready(pid: int) -> bool:
-    return len([c for c in children(pid) if alive(c)]) == PROCESSES
+async def _ready(pid: int, port: int) -> bool:
+    serving = [c for c in children(pid) if alive(c) and connections_on(c, port, LISTEN)]
+    return len(serving) == PROCESSES
 
 
 def _metric(port: int, name: str) -> float:
@@ -142,15 +148,15 @@ async def test_a_process_that_dies_is_replaced(
     address, pid, _ = gateway
     victim = children(pid)[0]
     os.kill(victim, signal.SIGKILL)
-    await eventually(lambda: _replaced(pid, victim), within_s=20)
+    port = int(address.rsplit(":", 1)[1])
+    await eventually(lambda: _replaced(pid, victim, port), within_s=20)
     async with ConveyorClient(address, stack.notifier, api_key=api_key) as c:
         job = await c.submit(MODEL, "after a loss", max_tokens=8)
         assert (await c.wait(job.id, 30)).status == jobs_pb2.JOB_STATUS_SUCCEEDED
 
 
-async def _replaced(pid: int, victim: int) -> bool:
-    now = [c for c in children(pid) if alive(c)]
-    return len(now) == PROCESSES and victim not in now
+async def _replaced(pid: int, victim: int, port: int) -> bool:
+    return victim not in children(pid) and await _ready(pid, port)
 
 
 async def test_stopping_the_supervisor_stops_every_process(
