@@ -113,8 +113,10 @@ async def grpc_floors(calls: int) -> dict[str, float]:
             pass  # it is up
         out: dict[str, float] = {}
         if h2load.available():
-            spent = await _server_us(server.pid, lambda: _h2(target, calls))
-            out["grpc.aio server, CPU per call (h2load)"] = spent / calls
+            _, server_us = await _per_call_us(
+                calls, lambda: _h2(target, calls), lambda: cpu_ticks(server.pid)
+            )
+            out["grpc.aio server, CPU per call (h2load)"] = server_us
         requests = [_request(i) for i in range(calls)]
 
         async def python_load() -> None:
@@ -131,12 +133,6 @@ async def grpc_floors(calls: int) -> dict[str, float]:
 
 async def _h2(target: str, calls: int) -> None:
     await h2load.submit_load(target, _request(), calls, CLIENTS)
-
-
-async def _server_us(pid: int, run: Callable[[], Awaitable[None]]) -> float:
-    before = cpu_ticks(pid)
-    await run()
-    return (cpu_ticks(pid) - before) * TICK_MS * 1000.0
 
 
 # --------------------------------------------------------------------------- RabbitMQ

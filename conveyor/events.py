@@ -77,18 +77,28 @@ class EventPublisher:
     def __init__(self, exchange: AbstractExchange) -> None:
         self.exchange = exchange
 
-    async def publish(
-        self, event: events_pb2.JobEvent, headers: dict[str, Any] | None = None
+    async def _send(
+        self, body: bytes, content_type: str, routing_key: str, headers: dict[str, Any]
     ) -> None:
         await self.exchange.publish(
             aio_pika.Message(
-                body=event.SerializeToString(),
-                content_type=EVENT_CONTENT_TYPE,
+                body=body,
+                content_type=content_type,
                 delivery_mode=DeliveryMode.NOT_PERSISTENT,
-                headers=headers or {},
+                headers=headers,
             ),
-            routing_key=event_routing_key(event_kind(event), event.tenant),
+            routing_key=routing_key,
             mandatory=False,  # no watcher bound is normal
+        )
+
+    async def publish(
+        self, event: events_pb2.JobEvent, headers: dict[str, Any] | None = None
+    ) -> None:
+        await self._send(
+            event.SerializeToString(),
+            EVENT_CONTENT_TYPE,
+            event_routing_key(event_kind(event), event.tenant),
+            headers or {},
         )
 
     async def publish_status(self, row: Mapping[str, Any], previous: str | None) -> None:
@@ -112,12 +122,9 @@ class EventPublisher:
                     for row in group
                 ]
             )
-            await self.exchange.publish(
-                aio_pika.Message(
-                    body=batch.SerializeToString(),
-                    content_type=BATCH_CONTENT_TYPE,
-                    delivery_mode=DeliveryMode.NOT_PERSISTENT,
-                ),
-                routing_key=event_routing_key(status, tenant),
-                mandatory=False,
+            await self._send(
+                batch.SerializeToString(),
+                BATCH_CONTENT_TYPE,
+                event_routing_key(status, tenant),
+                {},
             )

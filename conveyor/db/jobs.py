@@ -134,7 +134,7 @@ _COLUMNS = tuple(jobs.c.keys())
 def new_row(job: NewJob, now: datetime) -> Row:
     """The row `insert_jobs` stores for `job` at `now`, every column included."""
     row: dict[str, Any] = dict.fromkeys(_COLUMNS)
-    row.update(_values(job, now), attempts=0, cancel_requested_at=None)
+    row.update(_values(job, now), attempts=0)
     return row
 
 
