@@ -14,7 +14,11 @@ reproduced:
 - Postgres: CPU per job of the gateway's INSERT (with the job's history row and
   the triggers), one job per statement and 50;
 - anthropic SDK: CPU per streamed call against the simulator at 0 ms, beside a
-  plain aiohttp request for the same answer.
+  plain aiohttp request for the same answer;
+- waking a process: the round trip of a byte between two processes over loopback
+  TCP (median), back to back and after the other side sat idle for 2 and 20 ms.
+  A job crosses such a hop about ten times before its model call starts; on a
+  virtual machine a vCPU that went idle takes far longer to wake than a busy one.
 
     python -m bench.floors [--calls N] [--out FILE]   # prints the figures and writes them
                                                        # (default bench/results/floors-<UTC>.json)
@@ -286,6 +290,55 @@ async def sdk_floors(calls: int) -> dict[str, float]:
     }
 
 
+# --------------------------------------------------------------------------- waking up
+
+WAKE_GAPS_MS = (0.0, 2.0, 20.0)
+
+
+async def _serve_echo(port: int) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(64):
+            writer.write(data)
+
+    server = await asyncio.start_server(echo, "127.0.0.1", port)
+    await server.serve_forever()
+
+
+async def wake_floors(rounds: int) -> dict[str, float]:
+    port = sandbox.free_port()
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.floors", "--serve-echo", str(port), cwd=ROOT
+    )
+    try:
+        for _ in range(100):
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        else:
+            raise RuntimeError("the echo server did not start")
+        out: dict[str, float] = {}
+        for gap_ms in WAKE_GAPS_MS:
+            took: list[float] = []
+            for _ in range(rounds):
+                began = time.perf_counter()
+                writer.write(b"x")
+                await reader.read(64)
+                took.append((time.perf_counter() - began) * 1e6)
+                if gap_ms:
+                    await asyncio.sleep(gap_ms / 1000)
+            label = "back to back" if not gap_ms else f"after {gap_ms:g} ms idle"
+            out[f"loopback round trip between two processes, {label} (median)"] = sorted(took)[
+                len(took) // 2
+            ]
+        writer.close()
+        return out
+    finally:
+        server.terminate()
+        await server.wait()
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -295,6 +348,7 @@ async def measure(backing: sandbox.Backing, calls: int) -> dict[str, float]:
     figures |= await amqp_floors(backing.amqp_url, calls)
     figures |= await postgres_floors(backing.database_url, calls)
     figures |= await sdk_floors(max(100, calls // 20))
+    figures |= await wake_floors(max(50, min(500, calls // 20)))
     return figures
 
 
@@ -307,11 +361,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", type=Path, help="the JSON file (default: bench/results/floors-<UTC>.json)"
     )
     parser.add_argument("--serve-grpc", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.serve_grpc:
+    if args.serve_grpc or args.serve_echo:
         import uvloop
 
-        uvloop.run(_serve_nothing(args.serve_grpc))
+        uvloop.run(
+            _serve_nothing(args.serve_grpc) if args.serve_grpc else _serve_echo(args.serve_echo)
+        )
         return 0
     machine = report.machine(ROOT)
     with sandbox.backing_services(f"conveyor-floors-{os.getpid()}") as backing:

@@ -77,6 +77,10 @@ class Counts:
     """Jobs/s of the unsaturated end-to-end run: well below what this machine completes
     (about 180 jobs/s with every service on its 2 cores), so no job waits for CPU."""
     paced_jobs: int = 500
+    idle_rate: float = 10.0
+    """Jobs/s of a second unsaturated run, nearer idle: on a virtual machine the
+    overhead grows as the load falls, each process having gone idle between jobs."""
+    idle_jobs: int = 200
     single_jobs: int = 100
     """Jobs of the one-at-a-time end-to-end run (simulator at 0 ms)."""
     hold_jobs: int = 1_200
@@ -103,6 +107,7 @@ class Counts:
             latency_ms=200.0,
             paced_rate=50.0,
             paced_jobs=25,
+            idle_jobs=5,
             single_jobs=10,
             hold_jobs=40,
             hold_latency_ms=1_000.0,

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 from alembic import command
 from alembic.config import Config
+from opentelemetry.trace import SpanKind
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from conveyor.telemetry import exporting
+from conveyor.telemetry import exporting, tracer
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 T = TypeVar("T")
@@ -25,12 +27,80 @@ def asyncpg_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
 
 
+_DRIVER_DISCONNECTS = (
+    asyncpg.PostgresConnectionError,  # includes ConnectionDoesNotExistError
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+
+DATABASE_ERRORS = (DBAPIError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+"""What a statement raises when the database fails it, through SQLAlchemy or not."""
+
+
 def is_disconnect(exc: BaseException) -> bool:
     """Whether a database error means the connection (or the server) went away."""
-    if isinstance(exc, OSError | ConnectionError):
+    if isinstance(exc, (OSError, ConnectionError, *_DRIVER_DISCONNECTS)):
         return True
+    if isinstance(exc, asyncpg.InterfaceError):
+        return "closed" in str(exc).lower()
     return isinstance(exc, DBAPIError) and bool(
         exc.connection_invalidated or "connect" in str(exc).lower()
+    )
+
+
+@contextlib.asynccontextmanager
+async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """One of the pool's connections, as the asyncpg connection itself.
+
+    A connection found dead is dropped with the rest of the pool (they all went to
+    the same server), as SQLAlchemy does when it sees a disconnect itself.
+    """
+    try:
+        raw = await engine.raw_connection()
+    except engine.dialect.loaded_dbapi.Error as exc:  # SQLAlchemy's wrapper of asyncpg's error
+        raise ConnectionError(f"cannot connect to Postgres: {exc}") from exc
+    try:
+        yield raw.driver_connection
+    except BaseException as exc:
+        if is_disconnect(exc):
+            raw.invalidate(exc)
+            await engine.dispose(close=False)
+        raise
+    finally:
+        raw.close()
+
+
+async def fetch(engine: AsyncEngine, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+    """Run one statement with positional parameters ($1 …); its rows.
+
+    For the statements on every job's path (insert, claim, finish): SQLAlchemy's
+    Connection around a statement cost about 150 µs of CPU more than asyncpg's own
+    work, and twice that in a process that had been idle. SQLAlchemy's
+    instrumentation does not see these statements, so when spans are exported each
+    gets a CLIENT span here, with the attributes that instrumentation gives its own
+    (opentelemetry-instrumentation-asyncpg would pin older OpenTelemetry packages
+    than the gRPC instrumentation needs).
+    """
+    with _statement_span(engine, sql):
+        async with driver_connection(engine) as conn:
+            return [dict(r) for r in await conn.fetch(sql, *args)]
+
+
+def _statement_span(engine: AsyncEngine, sql: str) -> contextlib.AbstractContextManager[Any]:
+    if not exporting():
+        return contextlib.nullcontext()
+    database = engine.url.database or ""
+    return tracer().start_as_current_span(
+        f"{sql.split(None, 1)[0].upper()} {database}",
+        kind=SpanKind.CLIENT,
+        attributes={
+            "db.system.name": "postgresql",
+            "db.namespace": database,
+            "db.query.text": sql,
+            "server.address": engine.url.host or "",
+            "server.port": engine.url.port or 5432,
+        },
     )
 
 
@@ -38,7 +108,8 @@ async def once_more_on_disconnect(op: Callable[[], Awaitable[T]]) -> T:
     """Run `op`; if its connection was dead, run it once more on a fresh one.
 
     Without pre-ping, the first use of a pool after a Postgres restart fails;
-    SQLAlchemy then discards the pool's stale connections, so one retry suffices.
+    SQLAlchemy (or `driver_connection`) then discards the pool's stale connections,
+    so one retry suffices.
     """
     try:
         return await op()

@@ -8,6 +8,7 @@ over cannot move a job it does not own.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from conveyor.db.engine import fetch
 from conveyor.db.schema import job_events, jobs
 from conveyor.states import JobState
 
@@ -139,7 +141,7 @@ def new_row(job: NewJob, now: datetime) -> Row:
 
 
 async def insert_jobs(
-    conn: AsyncConnection, new_jobs: Sequence[NewJob], actors: Sequence[str | None]
+    engine: AsyncEngine, new_jobs: Sequence[NewJob], actors: Sequence[str | None]
 ) -> list[Row]:
     """Insert jobs and their first history rows (naming each job's actor, who submitted
     it) in one statement, skipping those whose (tenant, idempotency key) exists, in the
@@ -173,7 +175,7 @@ async def insert_jobs(
         [j.webhook_all_events for j in new_jobs],
         list(actors),
     )
-    inserted = {r[0] for r in await conn.exec_driver_sql(_INSERT, params)}
+    inserted = {r["id"] for r in await fetch(engine, _INSERT, params)}
     return [new_row(j, now) for j in new_jobs if j.id in inserted]
 
 
@@ -203,8 +205,7 @@ async def mark_published(engine: AsyncEngine, job_ids: Sequence[uuid.UUID]) -> N
     """Record that the broker confirmed these jobs' messages (the outbox is cleared)."""
     if not job_ids:
         return
-    async with engine.connect() as conn:
-        await conn.exec_driver_sql(_MARK_PUBLISHED, (list(job_ids),))
+    await fetch(engine, _MARK_PUBLISHED, (list(job_ids),))
 
 
 @dataclass(frozen=True)
@@ -241,33 +242,62 @@ async def list_jobs(
     return [dict(r) for r in (await conn.execute(stmt)).mappings()]
 
 
-_PARAM_TYPES: dict[str, Any] = {
-    "id": UUID(as_uuid=True),
-    "lease": UUID(as_uuid=True),
-    "now": sa.DateTime(timezone=True),
-    "run_at": sa.DateTime(timezone=True),
-    "stale_before": sa.DateTime(timezone=True),
-    "terminal": sa.Boolean(),
-    "from_states": sa.ARRAY(sa.Text),
-    "tenant": sa.Text(),
-    "status": sa.Text(),
-    "dead_reason": sa.Text(),
-    "previous": sa.Text(),
-    "actor": sa.Text(),
+_PARAM_CASTS: dict[str, str] = {
+    "id": "uuid",
+    "lease": "uuid",
+    "now": "timestamptz",
+    "run_at": "timestamptz",
+    "stale_before": "timestamptz",
+    "terminal": "boolean",
+    "from_states": "text[]",
+    "tenant": "text",
+    "status": "text",
+    "dead_reason": "text",
+    "previous": "text",
+    "actor": "text",
 }
+"""Types of the parameters Postgres cannot infer where they stand (in CASE, IS NULL)."""
+
+_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 
 
-def _sql(statement: str) -> sa.TextClause:
-    """A text statement whose parameters carry their types (asyncpg needs them in CASE)."""
-    clause = sa.text(statement)
-    names = [n for n in _PARAM_TYPES if f":{n}" in statement]
-    return clause.bindparams(*(sa.bindparam(n, type_=_PARAM_TYPES[n]) for n in names))
+@dataclass(frozen=True)
+class Statement:
+    """A statement written with `:name` parameters and sent to the driver with
+    positional ones, as it is (conveyor.db.engine.fetch): SQLAlchemy's compilation
+    and per-parameter processing of a text() statement cost about as much client
+    CPU as Postgres spends running it, on the path of every job (claim, finish)."""
+
+    sql: str
+    names: tuple[str, ...]
+
+    async def fetch(self, engine: AsyncEngine, params: Mapping[str, Any]) -> list[Row]:
+        rows: list[Row] = [*await fetch(engine, self.sql, [params[n] for n in self.names])]
+        return rows
+
+
+def _sql(statement: str) -> Statement:
+    """`statement` with its `:name` parameters numbered ($1, $2 …, a name reused keeps
+    its number) and cast where _PARAM_CASTS says."""
+    names: list[str] = []
+
+    def positional(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        cast = _PARAM_CASTS.get(name)
+        return f"${names.index(name) + 1}" + (f"::{cast}" if cast else "")
+
+    return Statement(_PARAMETER.sub(positional, statement), tuple(names))
 
 
 async def _one(
-    engine: AsyncEngine, statement: sa.Executable, params: Mapping[str, Any]
+    engine: AsyncEngine, statement: Statement | sa.Executable, params: Mapping[str, Any]
 ) -> Row | None:
     """Run one statement and return its first row, if any."""
+    if isinstance(statement, Statement):
+        rows = await statement.fetch(engine, params)
+        return rows[0] if rows else None
     async with engine.connect() as conn:
         row = (await conn.execute(statement, dict(params))).mappings().first()
     return dict(row) if row else None
@@ -538,17 +568,15 @@ async def requeue_stalled(engine: AsyncEngine, lease_s: float, limit: int = 500)
     that keeps killing its worker must not loop). Returns the moved rows.
     """
     now = utcnow()
-    async with engine.connect() as conn:
-        result = await conn.execute(
-            _REQUEUE_STALLED,
-            {
-                "stale_before": now - timedelta(seconds=lease_s),
-                "now": now,
-                "limit": limit,
-                "detail": _json({"reason": "stalled: no heartbeat within the lease"}),
-            },
-        )
-        return [dict(r) for r in result.mappings()]
+    return await _REQUEUE_STALLED.fetch(
+        engine,
+        {
+            "stale_before": now - timedelta(seconds=lease_s),
+            "now": now,
+            "limit": limit,
+            "detail": _json({"reason": "stalled: no heartbeat within the lease"}),
+        },
+    )
 
 
 _RELEASE_DUE = _sql(
@@ -571,9 +599,7 @@ SELECT id, tenant, lane, priority, trace_id, traceparent, status FROM moved
 
 async def release_due(engine: AsyncEngine, limit: int = 500) -> list[Row]:
     """Move scheduled jobs whose time has come to pending; returns them to publish."""
-    async with engine.connect() as conn:
-        result = await conn.execute(_RELEASE_DUE, {"now": utcnow(), "limit": limit, "detail": None})
-        return [dict(r) for r in result.mappings()]
+    return await _RELEASE_DUE.fetch(engine, {"now": utcnow(), "limit": limit, "detail": None})
 
 
 async def unpublished(engine: AsyncEngine, older_than_s: float, limit: int = 500) -> list[Row]:

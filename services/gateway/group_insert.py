@@ -116,8 +116,7 @@ class GroupInsert:
         jobs = [job for item in batch for job in item.jobs]
         actors = [item.actor for item in batch for _ in item.jobs]
         try:
-            async with self.engine.connect() as conn:
-                inserted = {r["id"]: r for r in await db.insert_jobs(conn, jobs, actors)}
+            inserted = {r["id"]: r for r in await db.insert_jobs(self.engine, jobs, actors)}
         except BaseException as exc:  # every submit of the statement gets the error
             for item in batch:
                 if not item.done.done():

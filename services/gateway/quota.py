@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 import time
 
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.budget import BucketStore, LocalBudget
 from conveyor.db import tenants as db
-from conveyor.db.engine import once_more_on_disconnect
+from conveyor.db.engine import DATABASE_ERRORS, once_more_on_disconnect
 from conveyor.errors import ResourceExhausted, Unavailable
 
 
@@ -67,7 +66,7 @@ class SubmitQuota:
         """
         try:
             await self._admit(tenant, jobs)
-        except (OperationalError, DBAPIError, OSError) as exc:
+        except DATABASE_ERRORS as exc:
             raise Unavailable("the quota store is unavailable; nothing was accepted") from exc
 
     async def _admit(self, tenant: str, jobs: int) -> None:

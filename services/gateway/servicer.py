@@ -25,7 +25,6 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.struct_pb2 import Struct
 from opentelemetry import trace
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor import broker
@@ -34,7 +33,7 @@ from conveyor.config import Settings
 from conveyor.convert import job_to_proto, parse_job_id, timestamp
 from conveyor.db import jobs as db
 from conveyor.db import tenants as tenants_db
-from conveyor.db.engine import once_more_on_disconnect
+from conveyor.db.engine import DATABASE_ERRORS, once_more_on_disconnect
 from conveyor.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -174,7 +173,7 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
 
         try:
             results = await once_more_on_disconnect(store)
-        except (OperationalError, DBAPIError, OSError) as exc:
+        except DATABASE_ERRORS as exc:
             log.error("cannot make jobs durable", extra={"error": repr(exc)})
             raise Unavailable("the job store is unavailable; nothing was accepted") from exc
         return [

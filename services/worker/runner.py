@@ -69,7 +69,8 @@ class InFlight:
     """How many of `text` went out as delta events."""
     flush_scheduled: bool = False
     publishing: asyncio.Task[None] | None = None
-    """The latest delta publish; the final status event waits for it."""
+    """The latest event publish (the RUNNING event, then each delta): each waits for
+    the one before it, and the final status event waits for the last."""
     attempt: int = 0
     base_seq: int = 0
     """Sequence number of the attempt's RUNNING event: text piece n has base_seq + n."""
@@ -177,9 +178,6 @@ class JobRunner:
         self.inflight[job.job_id] = entry
         IN_FLIGHT.inc()
         try:
-            # The RUNNING event goes out while the call starts: the channel keeps the
-            # order of its publishes, so it still precedes the attempt's deltas.
-            entry.publishing = asyncio.create_task(self._emit(row, "pending"))
             try:
                 outcome = await self._run(row, entry)
             except asyncio.CancelledError:
@@ -295,7 +293,7 @@ class JobRunner:
             entry.sent = n
             entry.flushed.append(n)
             event = delta_event(job_id, tenant, base_seq + n, text, attempt, n)
-            entry.publishing = asyncio.create_task(self._publish_delta(event))
+            entry.publishing = asyncio.create_task(self._publish_delta(event, entry.publishing))
 
         def on_text(text: str) -> None:
             # Deltas that arrive in one turn of the event loop travel as one event:
@@ -311,6 +309,9 @@ class JobRunner:
             headers = {k: v for k, v in labels.items() if k.startswith(SIMULATOR_HEADER_PREFIX)}
             headers["x-sim-attempt"] = str(attempt)
         entry.task = asyncio.create_task(self._call(row, on_text, headers))
+        # The RUNNING event is published once the request is on its way (the call's task
+        # runs first); the deltas wait for it, so it still comes first.
+        entry.publishing = asyncio.create_task(self._emit(row, "pending"))
         try:
             completion = await asyncio.shield(entry.task)
         except asyncio.CancelledError:
@@ -432,7 +433,11 @@ class JobRunner:
             retry_in_s=delay,
         )
 
-    async def _publish_delta(self, event: events_pb2.JobEvent) -> None:
+    async def _publish_delta(
+        self, event: events_pb2.JobEvent, after: asyncio.Task[None] | None
+    ) -> None:
+        if after is not None:
+            await after
         try:
             await self.events.publish(event)
         except Exception as exc:  # deltas are live only; the result is stored at the end

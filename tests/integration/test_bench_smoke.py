@@ -88,4 +88,5 @@ def test_the_floor_measurements_run_and_write_their_figures(tmp_path: Path) -> N
     figures = json.loads(out.read_text())["us"]
     assert any(k.startswith("grpc.aio server") for k in figures)
     assert any(k.startswith("Postgres") for k in figures)
+    assert any(k.startswith("loopback round trip") for k in figures)
     assert all(value > 0 for value in figures.values()), figures

@@ -1,15 +1,19 @@
-"""The worker's rules: which failures retry, how long it waits, what a job message is."""
+"""The worker's rules: which failures retry, how long it waits, what a job message is,
+how it reads a stream."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import anthropic
 import httpx2
 import pytest
+from anthropic._streaming import SSEDecoder
 
 from conveyor.broker import JobMessage
-from services.worker.provider import classify
+from services.worker.provider import classify, sse_events
 from services.worker.runner import backoff_s
 
 
@@ -88,3 +92,45 @@ def test_a_job_message_round_trips_and_garbage_is_refused() -> None:
     for body in (b"", b"\x00", b"{}", b'{"job_id": "nope", "tenant": "t"}', b"[1]"):
         with pytest.raises(ValueError):
             JobMessage.decode(body)
+
+
+STREAMS = {
+    "an answer": (
+        b'event: message_start\ndata: {"type":"message_start"}\n\n'
+        b'event: ping\ndata: {"type": "ping"}\n\n'
+        b'event: content_block_delta\ndata: {"delta":{"text":"a b"}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    ),
+    "CRLF line ends": b"event: a\r\ndata: 1\r\n\r\nevent: b\r\ndata: 2\r\n\r\n",
+    "CR line ends": b"event: a\rdata: 1\r\revent: b\rdata: 2\r\r",
+    "comments, unknown fields, no space after the colon": (
+        b": t=123\nevent:a\nfoo: 7\ndata:x\n\n: only a comment\n\n"
+    ),
+    "data over several lines, no event name": b"data: one\ndata: two\ndata:\n\n",
+    "an event cut off by the end": b"event: a\ndata: 1\n\nevent: b\ndata: 2",
+}
+
+
+async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+async def _ours(data: bytes, size: int) -> list[tuple[str, bytes]]:
+    return [event async for event in sse_events(_chunks(data, size))]
+
+
+async def _sdks(data: bytes) -> list[tuple[str, bytes]]:
+    return [
+        (sse.event or "message", sse.data.encode())
+        async for sse in SSEDecoder().aiter_bytes(_chunks(data, len(data)))
+    ]
+
+
+@pytest.mark.parametrize("name", list(STREAMS))
+def test_stream_events_are_those_the_sdk_decodes_however_the_bytes_arrive(name: str) -> None:
+    data = STREAMS[name]
+    expected = asyncio.run(_sdks(data))
+    assert expected, "the SDK finds events in every example"
+    for size in range(1, len(data) + 1):  # every split, down to a byte at a time
+        assert asyncio.run(_ours(data, size)) == expected, f"chunks of {size} bytes"
