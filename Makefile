@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PROTO_FILES := $(wildcard protos/conveyor/v1/*.proto)
+BENCH_ARGS ?=
+# e.g. make bench BENCH_ARGS="--repeat 3" (medians of three runs) or "submit --quick"
 
 .PHONY: help install protos check-protos lint-protos lint typecheck test up down demo bench bench-tools clean
 
@@ -51,7 +53,7 @@ demo:  ## submit a demo job and stream its tokens
 	$(PY) -m conveyor.devstack demo
 
 bench: install bench-tools  ## run the benchmark scenarios, print and save the figures
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 bench-tools:  ## install h2load (Debian's nghttp2-client), the bench's C load generator, if missing
 	@command -v h2load >/dev/null || { \

@@ -1,4 +1,4 @@
-"""`python -m bench [scenario ...] [--quick] [--out FILE]`: run the benchmark.
+"""`python -m bench [scenario ...] [--quick] [--repeat N] [--out FILE]`: run the benchmark.
 
 It creates its own RabbitMQ vhost and Postgres database on the local servers
 (named `conveyor-bench-<pid>-…`), starts the simulator and the four services on
@@ -7,6 +7,9 @@ stops everything it started and removes the vhost and the database — on Ctrl-C
 or SIGTERM too — then prints the table and writes the figures with the machine's
 description to `bench/results/<UTC time>.json`. Leftovers of a run that was
 killed outright are cleaned up by the next run.
+
+With `--repeat N` each scenario runs N times in a row and the table gives each
+figure's median (these machines are shared: one run moves by ±15% or more).
 
 The services read `CONVEYOR_*` variables as usual, so a tuning (e.g.
 `CONVEYOR_DB_POOL_SIZE=20`) can be benchmarked; the values used are recorded.
@@ -33,7 +36,15 @@ import aiohttp
 import asyncpg
 
 from bench import backlog, cost, end_to_end, report, storm, streaming, submit
-from bench.harness import Context, Counts, ResourceMeter, Result, memory_kb, system_cpu_ms
+from bench.harness import (
+    Context,
+    Counts,
+    ResourceMeter,
+    Result,
+    median_of,
+    memory_kb,
+    system_cpu_ms,
+)
 from conveyor import devstack, sandbox
 from conveyor.config import Settings
 
@@ -181,7 +192,12 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _run_scenarios(
-    stack: sandbox.Stack, counts: Counts, quick: bool, names: Sequence[str], results: list[Result]
+    stack: sandbox.Stack,
+    counts: Counts,
+    quick: bool,
+    names: Sequence[str],
+    results: list[Result],
+    repeat: int = 1,
 ) -> None:
     dsn = stack.backing.database_url.replace("postgresql+asyncpg://", "postgresql://")
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
@@ -189,7 +205,13 @@ async def _run_scenarios(
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
             ctx = Context(stack, counts, quick, pool, http)
             for name in names:
-                results.append(await _run_one(ctx, SCENARIOS[name]))
+                runs: list[Result] = []
+                try:
+                    for _ in range(repeat):
+                        runs.append(await _run_one(ctx, SCENARIOS[name]))
+                finally:  # interrupted: the runs that finished still count
+                    if runs:
+                        results.append(median_of(runs))
     finally:
         await pool.close()
 
@@ -267,12 +289,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="calls one worker process holds (its prefetch; default 1000)",
     )
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run each scenario N times; the table gives each figure's median (default 1)",
+    )
+    parser.add_argument(
         "--markdown", action="store_true", help="print the table as Markdown (for the README)"
     )
     parser.add_argument(
         "--show", type=Path, metavar="FILE", help="print the table of a results file; run nothing"
     )
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat takes a whole number from 1")
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
@@ -303,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
         "counts": dataclasses.asdict(counts),
         "worker_concurrency": args.worker_concurrency,
+        "repeat": args.repeat,
         "pid": os.getpid(),
     }
     results: list[Result] = []
@@ -324,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in BACKGROUND_SERVICES:
             stack.start(name)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(_run_scenarios(stack, counts, args.quick, names, results))
+            runner.run(_run_scenarios(stack, counts, args.quick, names, results, args.repeat))
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: stopping what the benchmark started ...", file=sys.stderr, flush=True)

@@ -12,7 +12,9 @@ reproduced:
 - aio-pika publish: CPU per persistent message with confirm, in the publisher and
   in RabbitMQ (a durable priority queue like a lane's, in a vhost of its own);
 - Postgres: CPU per job of the gateway's INSERT (with the job's history row and
-  the triggers), one job per statement and 50;
+  the triggers), one job per statement and 50; and the client's CPU per small
+  statement through SQLAlchemy's Connection against the pool's asyncpg connection
+  itself (conveyor.db.engine.fetch, used on every job's path);
 - anthropic SDK: CPU per streamed call against the simulator at 0 ms, beside a
   plain aiohttp request for the same answer;
 - waking a process: the round trip of a byte between two processes over loopback
@@ -55,6 +57,7 @@ from bench.harness import (
 from conveyor import broker, sandbox
 from conveyor.config import Settings
 from conveyor.db import jobs as db
+from conveyor.db.engine import create_engine, fetch
 from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,7 +251,32 @@ async def postgres_floors(database_url: str, rows: int) -> dict[str, float]:
             out[f"Postgres CPU per job, INSERTs of {batch} job(s) each"] = pg_us
     finally:
         await pool.close()
-    return out
+    return out | await _client_statement_floors(database_url, rows)
+
+
+async def _client_statement_floors(database_url: str, statements: int) -> dict[str, float]:
+    engine = create_engine(database_url)
+    sql, args = "SELECT $1::uuid AS id, now() AS at", (uuid.uuid4(),)
+    try:
+
+        async def sqlalchemy() -> None:
+            for _ in range(statements):
+                async with engine.connect() as conn:
+                    (await conn.exec_driver_sql(sql, args)).mappings().all()
+
+        async def driver() -> None:
+            for _ in range(statements):
+                await fetch(engine, sql, args)
+
+        await driver()  # the pool's first connection and the prepared statement
+        via_sqlalchemy, *_ = await _per_call_us(statements, sqlalchemy)
+        via_driver, *_ = await _per_call_us(statements, driver)
+    finally:
+        await engine.dispose()
+    return {
+        "one-row statement, client CPU through SQLAlchemy's Connection": via_sqlalchemy,
+        "one-row statement, client CPU on the pool's asyncpg connection": via_driver,
+    }
 
 
 # --------------------------------------------------------------------------- SDK

@@ -180,6 +180,37 @@ class Result:
         return out
 
 
+def median_of(runs: Sequence[Result]) -> Result:
+    """One result from several runs of a scenario: each figure is the median of its
+    runs' values (the lower middle one of an even count, so it is a value one run
+    measured), with that run's verdict. Every run's values stay in `extra["runs"]`."""
+    if len(runs) == 1:
+        return runs[0]
+    last = runs[-1]
+    merged = Result(last.name, last.title, extra=dict(last.extra), resources=last.resources)
+    merged.status = next((r.status for r in runs if r.status != "ok"), "ok")
+    merged.elapsed_s = sum(r.elapsed_s for r in runs)
+    merged.notes = list(dict.fromkeys(n for r in runs for n in r.notes))
+    merged.notes.append(f"each figure is the median of {len(runs)} runs")
+    # A label may stand twice in a run (a sub-row such as "  p99" under two runs of a
+    # scenario): figures are matched by label and by how many times it came before.
+    by_key: dict[tuple[str, int], list[Figure]] = {}
+    for run in runs:
+        seen: dict[str, int] = {}
+        for fig in run.figures:
+            n = seen[fig.label] = seen.get(fig.label, -1) + 1
+            by_key.setdefault((fig.label, n), []).append(fig)
+    for (label, _), figs in by_key.items():
+        numeric = [f for f in figs if isinstance(f.value, int | float) and not math.isnan(f.value)]
+        if len(numeric) < len(figs) or not numeric:
+            merged.figures.append(figs[-1])
+            continue
+        middle = sorted(numeric, key=lambda f: float(f.value or 0))[(len(numeric) - 1) // 2]
+        merged.figures.append(Figure(label, middle.value, middle.unit, middle.target, middle.met))
+    merged.extra["runs"] = [[[f.label, f.value] for f in r.figures] for r in runs]
+    return merged
+
+
 # --------------------------------------------------------------------------- statistics
 
 
