@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,7 +40,7 @@ DATABASE_ERRORS = (DBAPIError, OSError, asyncpg.PostgresError, asyncpg.Interface
 
 def is_disconnect(exc: BaseException) -> bool:
     """Whether a database error means the connection (or the server) went away."""
-    if isinstance(exc, (OSError, ConnectionError, *_DRIVER_DISCONNECTS)):
+    if isinstance(exc, (OSError, *_DRIVER_DISCONNECTS)):  # ConnectionError is an OSError
         return True
     if isinstance(exc, asyncpg.InterfaceError):
         return "closed" in str(exc).lower()
@@ -71,7 +71,7 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
         raw.close()
 
 
-async def fetch(engine: AsyncEngine, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+async def fetch(engine: AsyncEngine, sql: str, args: Sequence[Any]) -> list[Mapping[str, Any]]:
     """Run one statement with positional parameters ($1 …); its rows.
 
     For the statements on every job's path (insert, claim, finish): SQLAlchemy's

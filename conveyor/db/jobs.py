@@ -272,8 +272,7 @@ class Statement:
     names: tuple[str, ...]
 
     async def fetch(self, engine: AsyncEngine, params: Mapping[str, Any]) -> list[Row]:
-        rows: list[Row] = [*await fetch(engine, self.sql, [params[n] for n in self.names])]
-        return rows
+        return await fetch(engine, self.sql, [params[n] for n in self.names])
 
 
 def _sql(statement: str) -> Statement:
@@ -291,16 +290,10 @@ def _sql(statement: str) -> Statement:
     return Statement(_PARAMETER.sub(positional, statement), tuple(names))
 
 
-async def _one(
-    engine: AsyncEngine, statement: Statement | sa.Executable, params: Mapping[str, Any]
-) -> Row | None:
+async def _one(engine: AsyncEngine, statement: Statement, params: Mapping[str, Any]) -> Row | None:
     """Run one statement and return its first row, if any."""
-    if isinstance(statement, Statement):
-        rows = await statement.fetch(engine, params)
-        return rows[0] if rows else None
-    async with engine.connect() as conn:
-        row = (await conn.execute(statement, dict(params))).mappings().first()
-    return dict(row) if row else None
+    rows = await statement.fetch(engine, params)
+    return rows[0] if rows else None
 
 
 # One statement per transition: the UPDATE and its history row travel together.
@@ -489,6 +482,17 @@ async def transition(
     )
 
 
+_REQUEST_CANCEL = _sql(
+    """
+UPDATE jobs
+   SET cancel_requested_at = coalesce(cancel_requested_at, :now),
+       cancel_requested_by = coalesce(cancel_requested_by, :actor)
+ WHERE id = :id AND tenant = :tenant AND status = 'running'
+RETURNING *
+"""
+)
+
+
 async def request_cancel(
     engine: AsyncEngine, job_id: uuid.UUID, tenant: str, actor: str | None = None
 ) -> Row | None:
@@ -498,14 +502,8 @@ async def request_cancel(
     """
     return await _one(
         engine,
-        sa.update(jobs)
-        .where(jobs.c.id == job_id, jobs.c.tenant == tenant, jobs.c.status == "running")
-        .values(
-            cancel_requested_at=sa.func.coalesce(jobs.c.cancel_requested_at, utcnow()),
-            cancel_requested_by=sa.func.coalesce(jobs.c.cancel_requested_by, actor),
-        )
-        .returning(*jobs.c),
-        {},
+        _REQUEST_CANCEL,
+        {"id": job_id, "tenant": tenant, "now": utcnow(), "actor": actor},
     )
 
 

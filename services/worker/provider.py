@@ -42,20 +42,22 @@ async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, b
             # A CR at the very end may be the first half of a CRLF: it waits for the rest.
             tail = b"\r" if buffer.endswith(b"\r") else b""
             buffer = _lf(buffer[: len(buffer) - len(tail)]) + tail
-        *blocks, buffer = buffer.split(b"\n\n")
-        for block in blocks:
-            event = _sse_event(block)
-            if event is not None:
-                yield event
+        events, buffer = _complete_events(buffer)
+        for event in events:
+            yield event
     if buffer.endswith(b"\r"):  # it was a line end after all
-        for block in _lf(buffer).split(b"\n\n")[:-1]:
-            event = _sse_event(block)
-            if event is not None:
-                yield event
+        for event in _complete_events(_lf(buffer))[0]:
+            yield event
 
 
 def _lf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
+def _complete_events(buffer: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
+    """The events of the blocks that a blank line ends, and what follows the last."""
+    *blocks, rest = buffer.split(b"\n\n")
+    return [e for e in map(_sse_event, blocks) if e is not None], rest
 
 
 def _sse_event(block: bytes) -> tuple[str, bytes] | None:
