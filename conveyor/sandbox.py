@@ -46,9 +46,23 @@ START_TIMEOUT_S = 60.0
 
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    (port,) = free_ports(1)
+    return port
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` different TCP ports of 127.0.0.1 that nothing listens on right now.
+
+    Each is held until all are found: a port asked for after another is released can
+    be the same one again (it happened to a test stack's gateway and simulator).
+    """
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(n):
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
 
 
 def docker_engine_available() -> bool:
@@ -159,12 +173,13 @@ class Stack:
             **(env or {}),
             "CONVEYOR_AMQP_URL": backing.amqp_url,
             "CONVEYOR_DATABASE_URL": backing.database_url,
-            "CONVEYOR_GATEWAY_PORT": str(free_port()),
-            "CONVEYOR_NOTIFIER_PORT": str(free_port()),
-            "CONVEYOR_SIMULATOR_PORT": str(free_port()),
             "CONVEYOR_RUN_DIR": str(run_dir),
-            **{f"CONVEYOR_{svc.upper()}_METRICS_PORT": str(free_port()) for svc in SERVICES},
         }
+        listeners = ["GATEWAY", "NOTIFIER", "SIMULATOR"] + [
+            f"{svc.upper()}_METRICS" for svc in SERVICES
+        ]
+        for listener, port in zip(listeners, free_ports(len(listeners)), strict=True):
+            self.env[f"CONVEYOR_{listener}_PORT"] = str(port)
         for name, value in self.env.items():
             os.environ[name] = value
         for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "CONVEYOR_API_KEY"):

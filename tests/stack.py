@@ -18,6 +18,7 @@ from conveyor.sandbox import (
     backing_services,
     docker_engine_available,
     free_port,
+    free_ports,
 )
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "backing_services",
     "docker_engine_available",
     "free_port",
+    "free_ports",
 ]
 
 WEBHOOK_SECRET = "whsec-test-0123456789"

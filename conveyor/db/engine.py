@@ -34,13 +34,24 @@ _DRIVER_DISCONNECTS = (
     asyncpg.exceptions.CannotConnectNowError,
 )
 
-DATABASE_ERRORS = (DBAPIError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+DATABASE_ERRORS = (
+    DBAPIError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 """What a statement raises when the database fails it, through SQLAlchemy or not."""
 
 
 def is_disconnect(exc: BaseException) -> bool:
-    """Whether a database error means the connection (or the server) went away."""
-    if isinstance(exc, (OSError, *_DRIVER_DISCONNECTS)):  # ConnectionError is an OSError
+    """Whether a database error means the connection (or the server) went away, so
+    that the connection is unusable and the statement worth running on another."""
+    # InternalClientError: a server closing a connection sends its error first and
+    # closes the socket after; a statement started between the two finds the
+    # connection's protocol still busy with that error ("another operation is in
+    # progress"), a connection that can never be used again.
+    if isinstance(exc, (OSError, asyncpg.InternalClientError, *_DRIVER_DISCONNECTS)):
         return True
     if isinstance(exc, asyncpg.InterfaceError):
         return "closed" in str(exc).lower()

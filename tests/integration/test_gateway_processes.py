@@ -20,7 +20,7 @@ from conveyor import devstack
 from conveyor.client import ConveyorClient
 from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.conftest import eventually, job_history
-from tests.stack import Stack, free_port
+from tests.stack import Stack, free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,7 @@ def connections_on(pid: int, port: int, state: str = ESTABLISHED) -> int:
 @pytest.fixture
 async def gateway(stack: Stack, api_key: str) -> AsyncIterator[tuple[str, int, int]]:
     """An extra gateway of PROCESSES processes: (address, supervisor pid, metrics port)."""
-    port, metrics = free_port(), free_port()
+    port, metrics = free_ports(2)
     name = "gateway-processes"
     stack.start_extra(
         devstack.Service(name, "services.gateway", "grpc", f"127.0.0.1:{port}", "JobService"),
