@@ -53,6 +53,22 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
+class _StreamClosedElsewhere(logging.Filter):
+    """Drops OpenTelemetry's "Failed to detach context" when a server-streaming call ends
+    early (its client went away): gRPC closes the instrumentation's generator from
+    another context, so resetting the span's context token fails, after the span has
+    ended as it should (open-telemetry/opentelemetry-python-contrib#2357). One error
+    line with a traceback per closed WatchJob would bury the real ones."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (
+            record.msg == "Failed to detach context"
+            and isinstance(exc, ValueError)
+            and "different Context" in str(exc)
+        )
+
+
 def setup_logging(service: str, level: str = "INFO", json: bool | None = None) -> None:
     """Configure the root logger for a service process."""
     use_json = (not sys.stderr.isatty()) if json is None else json
@@ -63,3 +79,4 @@ def setup_logging(service: str, level: str = "INFO", json: bool | None = None) -
     root.setLevel(level.upper())
     for noisy in ("aio_pika", "aiormq", "httpx", "httpx2", "httpcore", "anthropic", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("opentelemetry.context").addFilter(_StreamClosedElsewhere())
