@@ -15,6 +15,7 @@ from opentelemetry.trace import SpanKind
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.util import greenlet_spawn
 
 from conveyor.telemetry import exporting, tracer
 
@@ -66,6 +67,10 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
 
     A connection found dead is dropped with the rest of the pool (they all went to
     the same server), as SQLAlchemy does when it sees a disconnect itself.
+
+    Returning and invalidating run in a greenlet, as AsyncConnection.close does:
+    either may close the connection (one beyond the pool's size is closed when
+    returned), which SQLAlchemy's asyncpg adapter can only await from there.
     """
     try:
         raw = await engine.raw_connection()
@@ -75,11 +80,11 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
         yield raw.driver_connection
     except BaseException as exc:
         if is_disconnect(exc):
-            raw.invalidate(exc)
+            await greenlet_spawn(raw.invalidate, exc)
             await engine.dispose(close=False)
         raise
     finally:
-        raw.close()
+        await greenlet_spawn(raw.close)
 
 
 async def fetch(engine: AsyncEngine, sql: str, args: Sequence[Any]) -> list[Mapping[str, Any]]:

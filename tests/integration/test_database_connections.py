@@ -5,6 +5,7 @@ runs once more on a fresh one, whenever in the closing it started."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -59,7 +60,11 @@ async def _pid_by_sqlalchemy(engine: AsyncEngine) -> int:
 @pytest.mark.parametrize("turns", range(5))
 @pytest.mark.parametrize("pid", [_pid_by_driver, _pid_by_sqlalchemy], ids=["driver", "sqlalchemy"])
 async def test_a_statement_on_a_connection_the_server_closed_runs_on_a_fresh_one(
-    engine: AsyncEngine, backing: Backing, turns: int, pid: Callable[[AsyncEngine], Awaitable[int]]
+    engine: AsyncEngine,
+    backing: Backing,
+    turns: int,
+    pid: Callable[[AsyncEngine], Awaitable[int]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with driver_connection(engine) as conn:
         closed_pid = await conn.fetchval("SELECT pg_backend_pid()")
@@ -73,3 +78,29 @@ async def test_a_statement_on_a_connection_the_server_closed_runs_on_a_fresh_one
 
     assert fresh_pid != closed_pid
     assert await pid(engine) == fresh_pid, "the pool goes on with the fresh connection"
+    assert _errors(caplog) == [], "the dead connection was closed and dropped quietly"
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_connections_beyond_the_pool_are_closed_when_returned(
+    engine: AsyncEngine, backing: Backing, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The pool keeps one connection and lends one more (overflow) under load.
+    rows = await asyncio.gather(
+        *(fetch(engine, "SELECT pg_backend_pid() AS pid, pg_sleep(0.2)", []) for _ in range(2))
+    )
+    pids = {r[0]["pid"] for r in rows}
+    assert len(pids) == 2
+
+    admin = await asyncpg.connect(backing.database_url)
+    try:
+        open_backends = await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", list(pids)
+        )
+    finally:
+        await admin.close()
+    assert open_backends == 1, "the overflow connection was closed, not left to the collector"
+    assert _errors(caplog) == []
