@@ -5,6 +5,7 @@ other tenants, and direct access to the database for checking what became of a j
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -92,6 +93,11 @@ def tenant_client(stack: Stack, db: AsyncEngine) -> TenantClient:
             yield c
 
     return make
+
+
+def logged_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The messages logged at ERROR or above so far in this test."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def count_jobs(db: AsyncEngine) -> int:

@@ -5,7 +5,6 @@ runs once more on a fresh one, whenever in the closing it started."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.db.engine import create_engine, driver_connection, fetch, once_more_on_disconnect
+from tests.conftest import logged_errors
 from tests.stack import Backing
 
 pytestmark = pytest.mark.integration
@@ -78,11 +78,7 @@ async def test_a_statement_on_a_connection_the_server_closed_runs_on_a_fresh_one
 
     assert fresh_pid != closed_pid
     assert await pid(engine) == fresh_pid, "the pool goes on with the fresh connection"
-    assert _errors(caplog) == [], "the dead connection was closed and dropped quietly"
-
-
-def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert logged_errors(caplog) == [], "the dead connection was closed and dropped quietly"
 
 
 async def test_connections_beyond_the_pool_are_closed_when_returned(
@@ -103,4 +99,4 @@ async def test_connections_beyond_the_pool_are_closed_when_returned(
     finally:
         await admin.close()
     assert open_backends == 1, "the overflow connection was closed, not left to the collector"
-    assert _errors(caplog) == []
+    assert logged_errors(caplog) == []

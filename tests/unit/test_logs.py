@@ -12,34 +12,25 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from conveyor.logs import setup_logging
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+from tests.conftest import logged_errors
 
 
 @pytest.fixture
-def records() -> Iterator[_Records]:
-    """What a service process logs, as records."""
+def service_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Logging set up as in a service process; `caplog` still sees what it logs."""
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     otel = logging.getLogger("opentelemetry.context")
     saved_filters = otel.filters[:]
-    setup_logging("test", json=True)
-    handler = _Records()
-    root.addHandler(handler)
-    yield handler
+    setup_logging("test", json=True)  # replaces the root's handlers, caplog's among them
+    root.addHandler(caplog.handler)
+    yield caplog
     root.handlers[:], root.level = saved_handlers, saved_level
     otel.filters[:] = saved_filters
 
 
 async def test_a_streaming_span_closed_from_another_context_ends_without_an_error_line(
-    records: _Records,
+    service_logs: pytest.LogCaptureFixture,
 ) -> None:
     exported = InMemorySpanExporter()
     provider = TracerProvider()
@@ -58,12 +49,14 @@ async def test_a_streaming_span_closed_from_another_context_ends_without_an_erro
     await asyncio.create_task(gen.aclose())  # a task runs in a copy of the context
 
     assert [s.name for s in exported.get_finished_spans()] == ["WatchJob"], "the span ended"
-    assert [r.getMessage() for r in records.records if r.levelno >= logging.ERROR] == []
+    assert logged_errors(service_logs) == []
 
 
-def test_other_errors_of_opentelemetry_context_are_still_logged(records: _Records) -> None:
+def test_other_errors_of_opentelemetry_context_are_still_logged(
+    service_logs: pytest.LogCaptureFixture,
+) -> None:
     try:
         raise ValueError("something else")
     except ValueError:
         logging.getLogger("opentelemetry.context").exception("Failed to detach context")
-    assert [r.getMessage() for r in records.records] == ["Failed to detach context"]
+    assert logged_errors(service_logs) == ["Failed to detach context"]
