@@ -1,4 +1,5 @@
 """`python -m bench [scenario ...] [--quick] [--repeat N] [--out FILE]`: run the benchmark.
+(`python -m bench compare REF [scenario ...]`: before and after, see bench/compare.py.)
 
 It creates its own RabbitMQ vhost and Postgres database on the local servers
 (named `conveyor-bench-<pid>-…`), starts the simulator and the four services on
@@ -35,7 +36,17 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from bench import backlog, cost, end_to_end, report, storm, streaming, submit
+from bench import (
+    backlog,
+    batch_lane,
+    cost,
+    end_to_end,
+    http_api,
+    report,
+    storm,
+    streaming,
+    submit,
+)
 from bench.harness import (
     Context,
     Counts,
@@ -55,11 +66,11 @@ VHOST_PREFIX = "conveyor-bench"
 KEEP_RUN_DIRS = 3
 
 SCENARIOS: dict[str, ModuleType] = {
-    m.NAME: m for m in (submit, end_to_end, storm, streaming, backlog, cost)
+    m.NAME: m for m in (submit, http_api, end_to_end, storm, streaming, backlog, cost, batch_lane)
 }
 """Every scenario, in the order `make bench` runs them."""
 
-BACKGROUND_SERVICES = ("simulator", "dispatcher", "notifier", "gateway")
+BACKGROUND_SERVICES = ("simulator", "dispatcher", "notifier", "gateway", "http")
 """Started once for the whole run; the worker is started by the scenarios that need it."""
 
 
@@ -78,6 +89,13 @@ def bench_env(worker_concurrency: int, quick: bool = False) -> dict[str, str]:
             "CONVEYOR_WORKER_SHUTDOWN_GRACE_S", "10"
         ),
     }
+    # A batch lane (bench/batch_lane.py); workers keep to the interactive lanes.
+    env["CONVEYOR_LANES"] = '["interactive", "default", "bulk", "batch"]'
+    env["CONVEYOR_WORKER_LANES"] = '["interactive", "default", "bulk"]'
+    env["CONVEYOR_BATCH_LANES"] = '["batch"]'
+    env["CONVEYOR_BATCH_MAX_WAIT_S"] = "1"
+    env["CONVEYOR_BATCH_POLL_S"] = "0.5"
+    env["CONVEYOR_BATCH_POLL_MAX_S"] = "1"
     if quick:
         env["CONVEYOR_RETRY_CAP_S"] = "2"
     return env
@@ -311,6 +329,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "compare":
+        from bench import compare  # here: compare imports this module
+
+        return compare.main(argv[1:])
     args = parse_args(argv)
     if args.show is not None:
         machine_info, saved = report.load(args.show)

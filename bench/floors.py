@@ -17,6 +17,8 @@ reproduced:
   itself (conveyor.db.engine.fetch, used on every job's path);
 - anthropic SDK: CPU per streamed call against the simulator at 0 ms, beside a
   plain aiohttp request for the same answer;
+- request body validation (conveyor.request_body): CPU per check of a 10-message
+  body with one tool against the anthropic SDK's types (target: at most 300 µs);
 - waking a process: the round trip of a byte between two processes over loopback
   TCP (median), back to back and after the other side sat idle for 2 and 20 ms.
   A job crosses such a hop about ten times before its model call starts; on a
@@ -44,7 +46,6 @@ import aio_pika
 import aiohttp
 import asyncpg
 import grpc
-import orjson
 
 from bench import h2load, report
 from bench.harness import (
@@ -211,28 +212,7 @@ async def postgres_floors(database_url: str, rows: int) -> dict[str, float]:
                     )
                     for _ in range(size)
                 ]
-                now = datetime.now(UTC)
-                params = (
-                    now,
-                    [j.id for j in jobs],
-                    [j.tenant for j in jobs],
-                    ["pending"] * size,
-                    [j.lane for j in jobs],
-                    [0] * size,
-                    [j.model for j in jobs],
-                    [orjson.dumps(j.request).decode() for j in jobs],
-                    ["{}"] * size,
-                    [None] * size,
-                    [j.request_hash for j in jobs],
-                    [3] * size,
-                    [600_000] * size,
-                    [None] * size,
-                    [None] * size,
-                    [None] * size,
-                    [None] * size,
-                    [False] * size,
-                    ["floors"] * size,
-                )
+                params = db.insert_params(jobs, ["floors"] * size, datetime.now(UTC))
                 async with pool.acquire() as conn:
                     await conn.fetch(db._INSERT, *params)
 
@@ -307,7 +287,7 @@ async def sdk_floors(calls: int) -> dict[str, float]:
 
         async def sdk() -> None:
             for _ in range(calls):
-                await provider.stream(MODEL, body, lambda text: None)
+                await provider.stream(MODEL, body, lambda *piece: None)
 
         sdk_us, *_ = await _per_call_us(calls, sdk)
     finally:
@@ -315,6 +295,63 @@ async def sdk_floors(calls: int) -> dict[str, float]:
     return {
         "plain aiohttp streamed request to the simulator, CPU per call": raw_us,
         "anthropic SDK streamed call (services.worker.provider), CPU per call": sdk_us,
+    }
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+def _ten_message_body() -> dict[str, object]:
+    """A 10-message tool-use conversation with one tool, as a client would send it."""
+    messages: list[dict[str, object]] = []
+    for i in range(5):
+        messages.append(
+            {"role": "user", "content": [{"type": "text", "text": f"Weather in city {i}?"}]}
+        )
+        call = {
+            "type": "tool_use",
+            "id": f"toolu_{i}",
+            "name": "get_weather",
+            "input": {"city": f"City {i}"},
+        }
+        messages.append(
+            {"role": "assistant", "content": [{"type": "text", "text": "Checking."}, call]}
+        )
+    tool = {
+        "name": "get_weather",
+        "description": "Current weather of a city.",
+        "input_schema": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city"],
+        },
+    }
+    return {
+        "model": MODEL,
+        "max_tokens": 1024,
+        "system": "Be brief.",
+        "messages": messages,
+        "tools": [tool],
+    }
+
+
+def body_validation_floors(calls: int) -> dict[str, float]:
+    from conveyor.request_body import BodyLimits, estimate_input_tokens, validate_body, warm_up
+
+    warm_up()
+    body, limits = _ten_message_body(), BodyLimits.from_settings(Settings())
+    validate_body(body, limits)
+    mine = _own_cpu_ms()
+    for _ in range(calls):
+        validate_body(body, limits)
+    validate_us = (_own_cpu_ms() - mine) * 1000.0 / calls
+    mine = _own_cpu_ms()
+    for _ in range(calls):
+        estimate_input_tokens(body)
+    estimate_us = (_own_cpu_ms() - mine) * 1000.0 / calls
+    return {
+        "request body validation, 10 messages and 1 tool, CPU per body": validate_us,
+        "request body input-token estimate, same body, CPU per body": estimate_us,
     }
 
 
@@ -377,6 +414,7 @@ async def measure(backing: sandbox.Backing, calls: int) -> dict[str, float]:
     figures |= await postgres_floors(backing.database_url, calls)
     figures |= await sdk_floors(max(100, calls // 20))
     figures |= await wake_floors(max(50, min(500, calls // 20)))
+    figures |= body_validation_floors(calls)
     return figures
 
 

@@ -3,17 +3,31 @@
 A key is `cvk_` followed by 43 URL-safe characters (32 random bytes). Only its
 SHA-256 is stored (`api_keys.key_hash`), so a key is shown once, when it is
 created, and a database leak does not leak keys; the lookup is by hash, so no
-constant-time comparison is needed. Keys map to a tenant and a role: `member`
-(the tenant's own jobs) or `admin` (also the statistics of every tenant).
+constant-time comparison is needed. Keys map to a tenant and a role:
+
+- `member`: the tenant's own jobs and statistics.
+- `admin`: a tenant's administrator. On the API it has a member's rights; it reads
+  no other tenant's data (its statistics leave out the shared queues).
+- `operator`: runs the installation. It belongs to the tenant it was created for
+  (`conveyor keys create --role operator`, tenant `operators` unless told) and its
+  job calls act for that tenant alone, like a member's: it cannot read, cancel or
+  watch another tenant's jobs. Its one extra right is GetStats of any tenant or of
+  all of them, with the depths of the shared lane queues and the dead-letter queue.
 
 Every gRPC server built by `conveyor.runtime.grpc_server` authenticates calls
 through `authenticate`: the `authorization: Bearer <key>` metadata is resolved
-(through a small TTL cache) before the handler runs, and the handler reads the
-result with `principal(context)` or `tenant_of(context)`. A call without a key
-acts as `CONVEYOR_ANONYMOUS_TENANT` when that is set (the local stack), and is
+before the handler runs, and the handler reads the result with
+`principal(context)` or `tenant_of(context)`. A call without a key acts as
+`CONVEYOR_ANONYMOUS_TENANT` when that is set (the local stack), and is
 UNAUTHENTICATED otherwise; an unknown or revoked key is always UNAUTHENTICATED.
 Health checking and server reflection stay open, so probes and grpcurl's
 discovery work without a key.
+
+Answers are cached (CONVEYOR_AUTH_CACHE_S) in two bounded LRU caches, one for
+valid keys and one for refused ones, so a flood of wrong keys costs bounded
+memory and cannot push the valid keys out. A key that is not even shaped like
+one is refused without a query, and looking a key up writes nothing: only a
+valid key's `last_used_at` is stamped, at most once a minute.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ import re
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,7 +52,11 @@ from conveyor.errors import Unauthenticated
 KEY_PREFIX = "cvk_"
 PREFIX_CHARS = 12
 """Characters of a key kept in clear (`cvk_` and 8 more), to recognise it in listings."""
-ROLES = ("member", "admin")
+KEY_SHAPE = re.compile(r"cvk_[A-Za-z0-9_-]{43}")
+"""What `generate_key` makes; anything else is refused without a lookup."""
+ROLES = ("member", "admin", "operator")
+OPERATOR_TENANT = "operators"
+"""The tenant of an operator key created without --tenant."""
 ANONYMOUS = "anonymous"
 """The key name of calls without a key when an anonymous tenant is configured."""
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -49,6 +68,7 @@ OPEN_METHODS = (
 )
 """Services callable without a key."""
 MAX_CACHED = 10_000
+"""Default size of each of the two key caches (CONVEYOR_AUTH_CACHE_SIZE)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +82,13 @@ class Principal:
 
     @property
     def admin(self) -> bool:
+        """A tenant's administrator (no rights over other tenants)."""
         return self.role == "admin"
+
+    @property
+    def operator(self) -> bool:
+        """May read every tenant's statistics and the shared queues' depths."""
+        return self.role == "operator"
 
     @property
     def actor(self) -> str:
@@ -130,22 +156,56 @@ def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None
     return None
 
 
+class _LRU:
+    """A dict of at most `size` entries that drops the least recently used one."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
+
+    def get(self, key: str, now: float) -> tuple[bool, Principal | None]:
+        """(found and fresh, value)."""
+        item = self._items.get(key)
+        if item is None:
+            return False, None
+        if item[0] <= now:
+            del self._items[key]
+            return False, None
+        self._items.move_to_end(key)
+        return True, item[1]
+
+    def put(self, key: str, until: float, value: Principal | None) -> None:
+        self._items[key] = (until, value)
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class Authenticator:
     """Resolves API keys to principals, remembering answers for `cache_s` seconds.
 
-    Refusals are remembered too, so a client retrying a wrong key does not cost a
-    query per call. A revoked key stops working within `cache_s`.
+    Refusals are remembered too (in a cache of their own), so a client retrying a
+    wrong key does not cost a query per call. A revoked key stops working within
+    `cache_s`.
     """
 
     def __init__(
-        self, engine: AsyncEngine, anonymous_tenant: str | None = None, cache_s: float = 10.0
+        self,
+        engine: AsyncEngine,
+        anonymous_tenant: str | None = None,
+        cache_s: float = 10.0,
+        cache_size: int = MAX_CACHED,
     ) -> None:
         self.engine = engine
         self.anonymous = (
             Principal(tenant=anonymous_tenant) if anonymous_tenant is not None else None
         )
         self.cache_s = cache_s
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self.valid = _LRU(cache_size)
+        self.refused = _LRU(cache_size)
 
     async def resolve(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Principal:
         """The caller of a call with this metadata; Unauthenticated if there is none."""
@@ -156,23 +216,22 @@ class Authenticator:
             raise Unauthenticated(
                 "missing API key: send the metadata `authorization: Bearer <key>`"
             )
+        if not KEY_SHAPE.fullmatch(key):
+            raise Unauthenticated("invalid or revoked API key")
         digest = hash_key(key)
         now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            who = cached[1]
-        else:
+        found, who = self.valid.get(digest, now)
+        if not found:
+            found, who = self.refused.get(digest, now)
+        if not found:
             owner = await once_more_on_disconnect(lambda: db.resolve_key(self.engine, digest))
-            who = (
-                None
-                if owner is None
-                else Principal(
+            if owner is None:
+                self.refused.put(digest, now + self.cache_s, None)
+            else:
+                who = Principal(
                     tenant=owner.tenant, role=owner.role, key_name=owner.name, key_id=owner.key_id
                 )
-            )
-            if len(self._cache) >= MAX_CACHED:
-                self._cache.clear()
-            self._cache[digest] = (now + self.cache_s, who)
+                self.valid.put(digest, now + self.cache_s, who)
         if who is None:
             raise Unauthenticated("invalid or revoked API key")
         return who

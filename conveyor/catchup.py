@@ -31,12 +31,15 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, DeliveryMode
 
 from conveyor.broker import TEXT_REQUEST_BINDING, text_request_key
+from conveyor.events import token_delta
+from conveyor.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
-Delta = tuple[int, str]
-"""(output_tokens, text) of one delta as the worker sent it: its sequence number is
-the RUNNING event's plus output_tokens."""
+Delta = tuple[int, str, int, int, str, str]
+"""(output_tokens, text, kind, block index, block_json, citation_json) of one delta as
+the worker sent it (see events.proto TokenDelta; the JSON as text): its sequence number
+is the RUNNING event's plus output_tokens."""
 Lookup = Callable[[uuid.UUID, int], tuple[int, list[Delta]] | None]
 """(job id, attempt) -> (sequence of the attempt's RUNNING event, the deltas it sent so far)."""
 
@@ -59,10 +62,15 @@ class TextSoFar:
     def count(self) -> int:
         return self.deltas[-1][0] if self.deltas else 0
 
-    def after(self, sequence: int) -> list[tuple[int, int, str]]:
-        """(sequence, output_tokens, text) of the deltas above `sequence`, in order."""
+    def after(self, sequence: int) -> list[tuple[int, events_pb2.TokenDelta]]:
+        """(sequence, TokenDelta) of the deltas above `sequence`, in order."""
         return [
-            (self.base_seq + n, n, text) for n, text in self.deltas if self.base_seq + n > sequence
+            (
+                self.base_seq + n,
+                token_delta(text, self.attempt, n, kind, index, block.encode(), cited.encode()),
+            )
+            for n, text, kind, index, block, cited in self.deltas
+            if self.base_seq + n > sequence
         ]
 
 
@@ -129,7 +137,10 @@ class TextSoFarClient:
                     job_id=str(data["job_id"]),
                     attempt=int(data["attempt"]),
                     base_seq=int(data["base_seq"]),
-                    deltas=[(int(n), str(t)) for n, t in data["deltas"]],
+                    deltas=[
+                        (int(n), str(t), int(k), int(i), str(b), str(c))
+                        for n, t, k, i, b, c in data["deltas"]
+                    ],
                 )
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

@@ -3,9 +3,13 @@
     async with ConveyorClient() as conveyor:
         job = await conveyor.submit("claude-sonnet-4-5", "Write a haiku.", max_tokens=128)
         async for event in conveyor.watch(job.id):
-            if event.WhichOneof("payload") == "token_delta":
+            if event.WhichOneof("payload") == "token_delta" and event.token_delta.kind == TEXT:
                 print(event.token_delta.text, end="", flush=True)
         final = await conveyor.wait(job.id)
+
+(TEXT is `conveyor.v1.events_pb2.DELTA_KIND_TEXT`: deltas also carry tool input,
+thinking and citations, each with its content block's index.) A whole Messages API
+body goes through `create(**body)`, with the SDK's keyword arguments.
 
 Two `grpc.aio` channels are opened lazily, one to the gateway (`JobService`) and
 one to the notifier (`JobEvents`); they are closed by `close()` or on leaving the
@@ -22,21 +26,32 @@ and `CONVEYOR_TLS_CLIENT_KEY_FILE`). Server errors surface as `ConveyorError`
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Self, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Self, TypeAlias, cast
 
 import grpc
 import grpc.aio
 
 from conveyor import __version__
-from conveyor.config import get_settings
-from conveyor.v1 import events_pb2, events_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from conveyor.v1 import (
+    events_pb2,
+    events_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    operations_pb2,
+    operations_pb2_grpc,
+    schedules_pb2,
+    schedules_pb2_grpc,
+)
 
 if TYPE_CHECKING:
+    import anthropic
+
     from conveyor.v1.events_pb2_grpc import JobEventsAsyncStub
     from conveyor.v1.jobs_pb2_grpc import JobServiceAsyncStub
 
@@ -52,7 +67,9 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "content_blocks",
     "job_status_name",
+    "message_of",
     "job_status_value",
 ]
 
@@ -60,7 +77,17 @@ JobStatus: TypeAlias = jobs_pb2.JobStatus.ValueType
 MessagesArg: TypeAlias = str | Sequence[Mapping[str, str]] | Sequence[jobs_pb2.Message]
 JobList: TypeAlias = list[jobs_pb2.Job]
 History: TypeAlias = list[jobs_pb2.JobHistoryEntry]
+Schedules: TypeAlias = list[schedules_pb2.Schedule]
+LanePauses: TypeAlias = list[operations_pb2.LanePause]
+Workers: TypeAlias = list[operations_pb2.Worker]
 Metadata: TypeAlias = tuple[tuple[str, str], ...]
+
+CATCH_UP_VALUES: dict[str, schedules_pb2.CatchUp.ValueType] = {
+    "skip": schedules_pb2.CATCH_UP_SKIP,
+    "once": schedules_pb2.CATCH_UP_ONCE,
+    "all": schedules_pb2.CATCH_UP_ALL,
+}
+"""A schedule's catch-up policy by name (create_schedule's `catch_up`)."""
 
 TERMINAL_STATUSES: frozenset[JobStatus] = frozenset(
     {
@@ -291,6 +318,64 @@ def build_messages(messages: MessagesArg) -> list[jobs_pb2.Message]:
     return out
 
 
+def _jsonable(value: Any) -> Any:
+    """What json cannot write itself: the SDK's Iterable params (tuples, generators),
+    other mappings, and pydantic models (e.g. an SDK block passed back in a new turn)."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json", exclude_none=True)
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _json_bytes(body: Any) -> bytes:
+    """Compact UTF-8 JSON (the stdlib's: the client installs without orjson)."""
+    return json.dumps(
+        body, default=_jsonable, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    ).encode()
+
+
+def _env_target(service: str, default_port: int) -> str:
+    """host:port from CONVEYOR_<SERVICE>_HOST and _PORT, the variables the settings read
+    (read here directly: the client installs without the server's pydantic settings)."""
+    host = os.environ.get(f"CONVEYOR_{service}_HOST") or "127.0.0.1"
+    port = os.environ.get(f"CONVEYOR_{service}_PORT") or str(default_port)
+    return f"{host}:{port}"
+
+
+def content_blocks(job: jobs_pb2.Job) -> list[dict[str, Any]]:
+    """The final message's content blocks of a finished job ([] when it has none)."""
+    return cast(list[dict[str, Any]], json.loads(job.content_json)) if job.content_json else []
+
+
+def message_of(job: jobs_pb2.Job) -> anthropic.types.Message:
+    """A succeeded job's answer as the SDK's Message, as `messages.create` returns it."""
+    import anthropic  # here: importing the SDK takes a while, and few callers need it
+
+    usage = (
+        json.loads(job.usage.usage_json)
+        if job.usage.usage_json
+        else {
+            "input_tokens": job.usage.input_tokens,
+            "output_tokens": job.usage.output_tokens,
+        }
+    )
+    return anthropic.types.Message.model_validate(
+        {
+            "id": job.response_id,
+            "type": "message",
+            "role": "assistant",
+            "model": job.response_model or job.model,
+            "content": content_blocks(job),
+            "stop_reason": job.stop_reason or None,
+            "stop_sequence": job.stop_sequence or None,
+            "usage": usage,
+        }
+    )
+
+
 def _aware(value: datetime) -> datetime:
     """`value` with a time zone; a naive datetime is read as local time."""
     return value if value.tzinfo is not None else value.astimezone()
@@ -347,9 +432,8 @@ class ConveyorClient:
     ) -> None:
         """`client_certificate` is (certificate chain, private key), both PEM, for servers
         that require one (mutual TLS)."""
-        settings = get_settings()
-        self.gateway = gateway or settings.gateway_target
-        self.notifier = notifier or settings.notifier_target
+        self.gateway = gateway or _env_target("GATEWAY", 50051)
+        self.notifier = notifier or _env_target("NOTIFIER", 50052)
         self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         self.secure = secure
         self.root_certificates = root_certificates
@@ -388,7 +472,11 @@ class ConveyorClient:
                 await channel.close()
 
     def _channel(self, target: str) -> grpc.aio.Channel:
-        options = [("grpc.primary_user_agent", f"conveyor-client/{__version__}")]
+        options: list[tuple[str, str | int]] = [
+            ("grpc.primary_user_agent", f"conveyor-client/{__version__}"),
+            # A job's request body and answer can be many MiB (gRPC's default is 4 MiB).
+            ("grpc.max_receive_message_length", -1),
+        ]
         if self.secure:
             return grpc.aio.secure_channel(target, self._credentials(), options=options)
         return grpc.aio.insecure_channel(target, options=options)
@@ -486,6 +574,60 @@ class ConveyorClient:
         response = await self.submit_request(request)
         return response.job
 
+    async def create(
+        self,
+        *,
+        model: str,
+        max_tokens: int,
+        messages: Iterable[Mapping[str, Any]],
+        extra_body: Mapping[str, Any] | None = None,
+        timeout: float | timedelta | None = None,  # noqa: ASYNC109 - the job's limit
+        priority: int = 0,
+        lane: str = "",
+        idempotency_key: str = "",
+        run_at: datetime | None = None,
+        delay: timedelta | None = None,
+        max_attempts: int = 0,
+        webhook_url: str = "",
+        labels: Mapping[str, str] | None = None,
+        webhook_events: jobs_pb2.WebhookEvents.ValueType = jobs_pb2.WEBHOOK_EVENTS_UNSPECIFIED,
+        **params: Any,
+    ) -> jobs_pb2.Job:
+        """Submit a Messages API call as a job, with the keyword arguments of
+        `anthropic.AsyncAnthropic().messages.create` (tools, tool_choice, thinking,
+        system blocks, output_config, cache_control, metadata, ...; `extra_body` merged
+        into the body as the SDK does), plus Conveyor's own as keyword-only extras.
+
+        The body travels whole (`request_json`) and is checked by the gateway against
+        its SDK's types. `timeout` (seconds or a timedelta) is the limit on the job's
+        model call. `stream` is Conveyor's (it always streams): watch the job instead.
+        The answer: `await wait(job.id)`, then `message_of(job)` for an SDK Message.
+        """
+        for name in ("stream", "extra_headers", "extra_query"):
+            if name in params:
+                raise TypeError(f"create() does not take {name!r}: Conveyor owns it")
+        body = {"model": model, "max_tokens": max_tokens, "messages": messages, **params}
+        body.update(extra_body or {})
+        request = jobs_pb2.SubmitJobRequest(
+            request_json=_json_bytes(body),
+            priority=priority,
+            lane=lane,
+            idempotency_key=idempotency_key,
+            max_attempts=max_attempts,
+            webhook_url=webhook_url,
+            labels=dict(labels or {}),
+            webhook_events=webhook_events,
+        )
+        if run_at is not None:
+            request.run_at.FromDatetime(_aware(run_at))
+        if delay is not None:
+            request.delay.FromTimedelta(delay)
+        if timeout is not None:
+            limit = timeout if isinstance(timeout, timedelta) else timedelta(seconds=timeout)
+            request.timeout.FromTimedelta(limit)
+        response = await self.submit_request(request)
+        return response.job
+
     async def submit_request(self, req: jobs_pb2.SubmitJobRequest) -> jobs_pb2.SubmitJobResponse:
         """Send a prepared SubmitJobRequest; the response tells an idempotent replay apart."""
         try:
@@ -533,14 +675,19 @@ class ConveyorClient:
         *,
         created_after: datetime | None = None,
         created_before: datetime | None = None,
+        full: bool = False,
     ) -> tuple[JobList, str]:
-        """One page of jobs, newest first, and the token of the next page ("" on the last)."""
+        """One page of jobs, newest first, and the token of the next page ("" on the last).
+
+        Without `full` (the BASIC view) the jobs come without content_json and
+        request_json; with it, as GetJob returns them."""
         request = jobs_pb2.ListJobsRequest(
             statuses=list(statuses),
             lane=lane,
             labels=dict(labels or {}),
             page_size=page_size,
             page_token=page_token,
+            view=jobs_pb2.JOB_VIEW_FULL if full else jobs_pb2.JOB_VIEW_BASIC,
         )
         if created_after is not None:
             request.created_after.FromDatetime(_aware(created_after))
@@ -610,15 +757,27 @@ class ConveyorClient:
         return response.job
 
     async def stats(
-        self, tenant: str = "", *, all_tenants: bool = False
+        self,
+        tenant: str = "",
+        *,
+        all_tenants: bool = False,
+        since: datetime | None = None,
+        until: datetime | None = None,
     ) -> jobs_pb2.GetStatsResponse:
-        """Counts by status and lane, queue depths, run-time percentiles and token totals.
+        """Counts by status and lane, queue depths, run-time percentiles and token totals,
+        and cost per tenant, model and lane of the jobs finished in [since, until)
+        (default: the last 24 hours).
 
         Of the caller's tenant; another `tenant`'s, or `all_tenants`, need an admin key.
         """
+        request = jobs_pb2.GetStatsRequest(tenant=tenant, all_tenants=all_tenants)
+        if since is not None:
+            request.since.FromDatetime(since)
+        if until is not None:
+            request.until.FromDatetime(until)
         try:
             response: jobs_pb2.GetStatsResponse = await self._jobs.GetStats(
-                jobs_pb2.GetStatsRequest(tenant=tenant, all_tenants=all_tenants),
+                request,
                 metadata=self._metadata(),
                 timeout=self.rpc_timeout,
             )
@@ -772,3 +931,258 @@ class ConveyorClient:
                     return await self.get(job_id)  # a terminal transition without the full job
                 return job
             return await self.get(job_id)
+
+    # -- Operations: schedules, erasure, priority, bulk actions, lanes, workers (gateway)
+
+    async def _gateway_unary(self, stub_class: Any, method: str, request: Any) -> Any:
+        """Call a unary method of another gateway service on the gateway's channel."""
+        _ = self._jobs  # opens the gateway channel
+        stub = stub_class(self._gateway_channel)
+        try:
+            return await getattr(stub, method)(
+                request, metadata=self._metadata(), timeout=self.rpc_timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    async def create_schedule(
+        self,
+        template: jobs_pb2.SubmitJobRequest,
+        *,
+        cron: str = "",
+        time_zone: str = "",
+        interval: timedelta | None = None,
+        name: str = "",
+        catch_up: str = "skip",
+        max_catch_up: int = 0,
+        start_time: datetime | None = None,
+        paused: bool = False,
+    ) -> schedules_pb2.Schedule:
+        """A schedule submitting `template` at each occurrence: a cron expression (in
+        `time_zone`, default UTC) or an `interval`. `catch_up`: skip, once or all."""
+        request = schedules_pb2.CreateScheduleRequest(
+            name=name,
+            cron=cron,
+            time_zone=time_zone,
+            template=template,
+            catch_up=CATCH_UP_VALUES[catch_up],
+            max_catch_up=max_catch_up,
+            paused=paused,
+        )
+        if interval is not None:
+            request.interval.FromTimedelta(interval)
+        if start_time is not None:
+            request.start_time.FromDatetime(_aware(start_time))
+        response = cast(
+            schedules_pb2.CreateScheduleResponse,
+            await self._gateway_unary(
+                schedules_pb2_grpc.ScheduleServiceStub, "CreateSchedule", request
+            ),
+        )
+        return response.schedule
+
+    async def get_schedule(self, schedule_id: str) -> schedules_pb2.Schedule:
+        response = cast(
+            schedules_pb2.GetScheduleResponse,
+            await self._gateway_unary(
+                schedules_pb2_grpc.ScheduleServiceStub,
+                "GetSchedule",
+                schedules_pb2.GetScheduleRequest(id=schedule_id),
+            ),
+        )
+        return response.schedule
+
+    async def list_schedules(
+        self, page_size: int = 100, page_token: str = ""
+    ) -> tuple[Schedules, str]:
+        """One page of the tenant's schedules, oldest first, and the next page's token."""
+        response = cast(
+            schedules_pb2.ListSchedulesResponse,
+            await self._gateway_unary(
+                schedules_pb2_grpc.ScheduleServiceStub,
+                "ListSchedules",
+                schedules_pb2.ListSchedulesRequest(page_size=page_size, page_token=page_token),
+            ),
+        )
+        return list(response.schedules), response.next_page_token
+
+    async def pause_schedule(self, schedule_id: str) -> schedules_pb2.Schedule:
+        response = cast(
+            schedules_pb2.PauseScheduleResponse,
+            await self._gateway_unary(
+                schedules_pb2_grpc.ScheduleServiceStub,
+                "PauseSchedule",
+                schedules_pb2.PauseScheduleRequest(id=schedule_id),
+            ),
+        )
+        return response.schedule
+
+    async def resume_schedule(self, schedule_id: str) -> schedules_pb2.Schedule:
+        response = cast(
+            schedules_pb2.ResumeScheduleResponse,
+            await self._gateway_unary(
+                schedules_pb2_grpc.ScheduleServiceStub,
+                "ResumeSchedule",
+                schedules_pb2.ResumeScheduleRequest(id=schedule_id),
+            ),
+        )
+        return response.schedule
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        await self._gateway_unary(
+            schedules_pb2_grpc.ScheduleServiceStub,
+            "DeleteSchedule",
+            schedules_pb2.DeleteScheduleRequest(id=schedule_id),
+        )
+
+    async def delete(self, job_id: str) -> None:
+        """Erase a finished job with its history and deliveries (NotFound afterwards);
+        FailedPrecondition for a job not finished."""
+        try:
+            await self._jobs.DeleteJob(
+                jobs_pb2.DeleteJobRequest(id=job_id),
+                metadata=self._metadata(),
+                timeout=self.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    async def set_priority(self, job_id: str, priority: int) -> jobs_pb2.Job:
+        """Change a pending or scheduled job's priority; returns the job."""
+        try:
+            response: jobs_pb2.UpdateJobPriorityResponse = await self._jobs.UpdateJobPriority(
+                jobs_pb2.UpdateJobPriorityRequest(id=job_id, priority=priority),
+                metadata=self._metadata(),
+                timeout=self.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        return response.job
+
+    @staticmethod
+    def job_filter(
+        statuses: Iterable[JobStatus] = (),
+        lane: str = "",
+        labels: Mapping[str, str] | None = None,
+        model: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+    ) -> operations_pb2.JobFilter:
+        """A JobFilter for cancel_jobs and retry_jobs."""
+        flt = operations_pb2.JobFilter(
+            statuses=list(statuses), lane=lane, labels=dict(labels or {}), model=model
+        )
+        if created_after is not None:
+            flt.created_after.FromDatetime(_aware(created_after))
+        if created_before is not None:
+            flt.created_before.FromDatetime(_aware(created_before))
+        return flt
+
+    async def cancel_jobs(
+        self,
+        flt: operations_pb2.JobFilter | None = None,
+        *,
+        dry_run: bool = False,
+        limit: int = 0,
+        reason: str = "",
+    ) -> operations_pb2.BulkActionResponse:
+        """Cancel the live jobs a filter matches (see `job_filter`); a dry run counts them."""
+        return cast(
+            operations_pb2.BulkActionResponse,
+            await self._gateway_unary(
+                operations_pb2_grpc.OperationsServiceStub,
+                "CancelJobs",
+                operations_pb2.CancelJobsRequest(
+                    filter=flt, dry_run=dry_run, limit=limit, reason=reason
+                ),
+            ),
+        )
+
+    async def retry_jobs(
+        self, flt: operations_pb2.JobFilter | None = None, *, dry_run: bool = False, limit: int = 0
+    ) -> operations_pb2.BulkActionResponse:
+        """Replay the failed and dead jobs a filter matches; a dry run counts them."""
+        return cast(
+            operations_pb2.BulkActionResponse,
+            await self._gateway_unary(
+                operations_pb2_grpc.OperationsServiceStub,
+                "RetryJobs",
+                operations_pb2.RetryJobsRequest(filter=flt, dry_run=dry_run, limit=limit),
+            ),
+        )
+
+    async def redrive_dead(
+        self, tenant: str = "", *, dry_run: bool = False, limit: int = 0
+    ) -> operations_pb2.BulkActionResponse:
+        """Replay every dead job of the tenant (another tenant's with an operator key)."""
+        return cast(
+            operations_pb2.BulkActionResponse,
+            await self._gateway_unary(
+                operations_pb2_grpc.OperationsServiceStub,
+                "RedriveDeadJobs",
+                operations_pb2.RedriveDeadJobsRequest(tenant=tenant, dry_run=dry_run, limit=limit),
+            ),
+        )
+
+    async def pause_lane(
+        self, lane: str, *, tenant: str = "", all_tenants: bool = False, reason: str = ""
+    ) -> operations_pb2.LanePause:
+        """Stop workers taking a lane's jobs (they wait, pending)."""
+        response = cast(
+            operations_pb2.PauseLaneResponse,
+            await self._gateway_unary(
+                operations_pb2_grpc.OperationsServiceStub,
+                "PauseLane",
+                operations_pb2.PauseLaneRequest(
+                    lane=lane, tenant=tenant, all_tenants=all_tenants, reason=reason
+                ),
+            ),
+        )
+        return response.pause
+
+    async def resume_lane(self, lane: str, *, tenant: str = "", all_tenants: bool = False) -> bool:
+        """Let workers take a paused lane's jobs again; False if it was not paused."""
+        response = cast(
+            operations_pb2.ResumeLaneResponse,
+            await self._gateway_unary(
+                operations_pb2_grpc.OperationsServiceStub,
+                "ResumeLane",
+                operations_pb2.ResumeLaneRequest(lane=lane, tenant=tenant, all_tenants=all_tenants),
+            ),
+        )
+        return response.resumed
+
+    async def lane_pauses(self) -> LanePauses:
+        response = cast(
+            operations_pb2.ListLanePausesResponse,
+            await self._gateway_unary(
+                operations_pb2_grpc.OperationsServiceStub,
+                "ListLanePauses",
+                operations_pb2.ListLanePausesRequest(),
+            ),
+        )
+        return list(response.pauses)
+
+    async def workers(self) -> Workers:
+        """The live workers (operator keys)."""
+        response = cast(
+            operations_pb2.ListWorkersResponse,
+            await self._gateway_unary(
+                operations_pb2_grpc.OperationsServiceStub,
+                "ListWorkers",
+                operations_pb2.ListWorkersRequest(),
+            ),
+        )
+        return list(response.workers)
+
+    async def drain_worker(self, worker_id: str) -> operations_pb2.Worker:
+        """Ask a worker to finish its calls and exit (operator keys)."""
+        response = cast(
+            operations_pb2.DrainWorkerResponse,
+            await self._gateway_unary(
+                operations_pb2_grpc.OperationsServiceStub,
+                "DrainWorker",
+                operations_pb2.DrainWorkerRequest(id=worker_id),
+            ),
+        )
+        return response.worker

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,13 @@ class Settings(BaseSettings):
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     database_url: SecretStr = SecretStr("postgresql+asyncpg://postgres@127.0.0.1:5432/conveyor")
     db_pool_size: int = 10
+    db_statement_timeout_s: float = Field(default=30.0, ge=0)
+    """Postgres cancels a statement running longer (statement_timeout; 0: no limit)."""
+    db_lock_timeout_s: float = Field(default=10.0, ge=0)
+    """Postgres cancels a statement waiting longer for a lock (lock_timeout; 0: no limit)."""
+    db_command_timeout_s: float = Field(default=60.0, gt=0)
+    """The client gives up on a connection attempt or a statement without an answer
+    after this long (an unreachable or hung server), and drops the connection."""
     migrate_on_start: bool = False
 
     # Listeners.
@@ -36,6 +44,9 @@ class Settings(BaseSettings):
     notifier_port: int = 50052
     simulator_host: str = "127.0.0.1"
     simulator_port: int = 8765
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    """The HTTP/JSON API (services/http): JobService and JobEvents over HTTP, SSE streams."""
 
     # Jobs.
     lanes: tuple[str, ...] = LANES
@@ -53,6 +64,26 @@ class Settings(BaseSettings):
     gateway_group_interval_ms: float = Field(default=2.0, ge=0)
     """Submits arriving within this long of the last INSERT wait and share the next one
     (group commit); an idle gateway inserts at once."""
+    gateway_max_waiting_jobs: int = Field(default=10_000, ge=1)
+    """Jobs that may wait for a group-commit INSERT; a submit beyond them is refused
+    RESOURCE_EXHAUSTED (nothing written) instead of queueing without bound."""
+    grpc_max_concurrent_rpcs: int = Field(default=2000, ge=1)
+    """Calls one gRPC server process (gateway, notifier) handles at once, streams
+    included; more are refused RESOURCE_EXHAUSTED at once instead of queueing."""
+
+    # HTTP API (services/http).
+    http_gateway_target: str = ""
+    """Where the HTTP API reaches the gateway (host:port); empty: gateway_host:gateway_port."""
+    http_notifier_target: str = ""
+    """Where the HTTP API reaches the notifier; empty: notifier_host:notifier_port."""
+    http_cors_origins: tuple[str, ...] = ()
+    """Browser origins allowed to call the HTTP API from another site, e.g.
+    `["https://ops.example.com"]` (JSON list; `*` allows any). Empty: CORS off."""
+    http_sse_heartbeat_s: float = Field(default=15.0, gt=0)
+    """An idle Server-Sent Events stream gets a comment line this often, so proxies and
+    browsers keep it open (and a vanished reader is noticed)."""
+    http_sse_write_timeout_s: float = Field(default=30.0, gt=0)
+    """A Server-Sent Events reader that takes no data for this long is disconnected."""
 
     # Worker.
     worker_lanes: tuple[str, ...] = LANES
@@ -67,7 +98,44 @@ class Settings(BaseSettings):
     """A running job whose heartbeat is older than this is handed back to the queue."""
     outbox_after_s: float = 5.0
     """A pending job unconfirmed by the broker for this long is published again."""
+    pending_republish_s: float = Field(default=300.0, gt=0)
+    """A pending job published this long ago and still not claimed is published again
+    (its message may be lost: a purged queue, a lost broker node); duplicates are harmless."""
     dispatcher_interval_s: float = 0.5
+    schedule_misfire_grace_s: float = Field(default=60.0, gt=0)
+    """A schedule's occurrence found later than this after its time counts as missed:
+    the schedule's catch-up policy decides whether it runs (skip, once, all)."""
+    schedule_max_catch_up: int = Field(default=100, ge=1, le=1000)
+    """Missed occurrences a CATCH_UP_ALL schedule makes up at once unless it says."""
+    retention_days: int = Field(default=30, ge=0)
+    """Days a finished job (with its history, attempts and webhook deliveries) is kept
+    before the dispatcher purges it; 0 keeps jobs forever. `conveyor tenants set
+    --retention-days` overrides it per tenant."""
+    retention_interval_s: float = Field(default=60.0, gt=0)
+    """How often the dispatcher looks for finished jobs past their retention."""
+    retention_batch: int = Field(default=500, ge=1, le=10_000)
+    """Jobs purged per statement (each a short transaction of its own)."""
+
+    # Batch lane (services/dispatcher/batcher.py): the Message Batches API at half price.
+    batch_lanes: tuple[str, ...] = ()
+    """Lanes whose jobs go through the Message Batches API instead of a worker (each
+    must also be one of `lanes`), e.g. `["batch"]`. Empty: no batch lane."""
+    batch_max_wait_s: float = Field(default=60.0, ge=0)
+    """A batch is sent once its oldest job has waited this long (or it is full)."""
+    batch_max_requests: int = Field(default=100_000, ge=1, le=100_000)
+    """Requests per batch at most (the API allows 100,000)."""
+    batch_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    """Bytes of requests per batch at most (the API allows 256 MB)."""
+    batch_poll_s: float = Field(default=5.0, gt=0)
+    """First wait before polling a created batch; doubles per poll up to batch_poll_max_s."""
+    batch_poll_max_s: float = Field(default=60.0, gt=0)
+    batch_expired_policy: Literal["retry", "dead"] = "retry"
+    """What becomes of a job whose batch request expired or was canceled at the API:
+    `retry` (back to the batch lane while attempts remain) or `dead`."""
+    batch_test_pause: str = ""
+    """Test hook: the batcher stops (sleeps) after recording a batch (`recorded`), after
+    the API created it but before that is noted (`api`), or after noting it (`created`),
+    so a test can kill it there."""
 
     # Authentication, TLS and tenants.
     anonymous_tenant: str | None = None
@@ -77,6 +145,13 @@ class Settings(BaseSettings):
     auth_cache_s: float = 10.0
     """How long a process remembers a resolved (or refused) API key; a revoked key
     stops working within this time."""
+    auth_cache_size: int = Field(default=10_000, ge=1)
+    """Valid API keys a process remembers (least recently used dropped first); refused
+    keys have a cache of their own of the same size, so a flood of wrong keys cannot
+    push out the valid ones."""
+    allow_anonymous_on_network: bool = False
+    """Let anonymous_tenant be set while a gRPC listener binds a non-loopback address
+    (e.g. behind a proxy that authenticates). Off: such a service refuses to start."""
     tls_cert_file: Path | None = None
     """PEM certificate chain of the gRPC servers; with tls_key_file, they serve TLS only."""
     tls_key_file: Path | None = None
@@ -103,8 +178,32 @@ class Settings(BaseSettings):
     max_label_chars: int = Field(default=256, ge=1)
     """Length of each label key and value."""
     max_webhook_url_chars: int = Field(default=2048, ge=1)
+    max_request_bytes: int = Field(default=15 * 1024 * 1024, ge=1024)
+    """JSON size of a whole Messages API request body (SubmitJobRequest.request_json);
+    the gRPC servers' receive limit is set above it (conveyor.runtime.max_request_bytes)."""
+    max_request_images: int = Field(default=100, ge=0)
+    """Image blocks in one request body (tool results and document contents included)."""
+    max_request_documents: int = Field(default=100, ge=0)
+    """Document blocks in one request body."""
+    max_request_tools: int = Field(default=512, ge=0)
+    """Tool definitions in one request body."""
+    request_extra_keys: tuple[str, ...] = ()
+    """Top-level request body keys the installed anthropic SDK does not know that are
+    passed through unchecked, e.g. `["top_k"]` (JSON list): a new API parameter without
+    a release. Any other unknown key is INVALID_ARGUMENT."""
     allowed_models: tuple[str, ...] = ()
     """Model names accepted (shell-style patterns, e.g. `claude-*`); empty: any well-formed name."""
+    known_models: tuple[str, ...] = ()
+    """Model names (shell-style patterns) that get their own metric labels and
+    rate-limit state, besides the models the anthropic SDK names, the exact names of
+    allowed_models and rate_limits; any other model is counted as `other`."""
+
+    # Cost (conveyor.pricing) and tenants' budgets.
+    prices: dict[str, dict[str, float]] = {}
+    """Prices per model (exact name or shell-style pattern) in USD per million tokens,
+    e.g. `{"my-model-*": {"input": 3, "output": 15}}`; optional `cache_write_5m`,
+    `cache_write_1h`, `cache_read` (default: 1.25x, 2x, 0.1x input), `batch_factor`
+    (0.5) and `web_search_per_1k` (10). Overrides or adds to the built-in table."""
 
     # Provider rate limits, shared by every worker through Postgres token buckets.
     rate_limits: dict[str, dict[str, float]] = {}
@@ -124,6 +223,9 @@ class Settings(BaseSettings):
     off with RESOURCE_EXHAUSTED and resumes from its last sequence number."""
     notifier_max_watches: int = Field(default=10_000, ge=1)
     """Open WatchJob/WatchJobs streams per notifier; more are RESOURCE_EXHAUSTED."""
+    notifier_max_watches_per_tenant: int = Field(default=1000, ge=1)
+    """Open WatchJob/WatchJobs streams of one tenant per notifier; more are
+    RESOURCE_EXHAUSTED, so one tenant cannot take every stream of a notifier."""
     notifier_job_log_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
     """Recent token deltas kept per running job (for resumes); older ones are dropped."""
     notifier_logs_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
@@ -136,8 +238,15 @@ class Settings(BaseSettings):
     """A quiet watch re-reads its jobs this often (catches changes a bus outage hid)."""
 
     # Webhooks (delivered by the notifier).
-    webhook_secret: SecretStr | None = None
-    """HMAC-SHA256 key that signs every webhook. Unset: deliveries fail (never unsigned)."""
+    webhook_secrets_key: SecretStr | None = None
+    """Key (at least 32 characters) that encrypts the tenants' webhook signing secrets in
+    the database; the notifier and `conveyor webhooks secret` need it. Unset: deliveries
+    fail (never unsigned)."""
+    webhook_secret_overlap_s: float = Field(default=24 * 3600.0, ge=0)
+    """After `conveyor webhooks secret rotate`, the old secret still signs this long."""
+    webhook_secrets_cache_s: float = Field(default=5.0, ge=0)
+    """A notifier reads a tenant's signing secrets again after this long (so a rotation
+    is signed with within it)."""
     webhook_allow_private: bool = False
     """Allow URLs resolving to loopback, private, link-local or reserved addresses."""
     webhook_allow_cidrs: tuple[str, ...] = ()
@@ -151,14 +260,20 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(default=64, ge=1)
     """Attempts in flight per notifier (the queue's prefetch)."""
     webhook_per_host: int = Field(default=8, ge=1)
-    """Attempts in flight per receiving host; more wait, so one slow host cannot take
+    """Attempts in flight per receiving host, counted by the address its name resolves
+    to (so many names of one host share it); more wait, so one slow host cannot take
     every slot."""
+    webhook_per_tenant: int = Field(default=16, ge=1)
+    """Attempts in flight per tenant (per notifier); more wait, so one tenant's
+    receivers cannot take every slot."""
     webhook_poll_s: float = Field(default=0.25, gt=0)
     """How often the relay looks for due deliveries (new ones and retries)."""
     webhook_republish_after_s: float = Field(default=300.0, gt=0)
     """A queued delivery with no attempt for this long is queued again (lost message)."""
 
-    # Provider. Without an API key the worker talks to the bundled simulator.
+    # Provider: `simulator` (the bundled stand-in, the default on a development machine)
+    # or `anthropic` (the real API: a worker without ANTHROPIC_API_KEY refuses to start).
+    provider: Literal["simulator", "anthropic"] = "simulator"
     anthropic_api_key: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("ANTHROPIC_API_KEY", "CONVEYOR_ANTHROPIC_API_KEY"),
@@ -175,6 +290,7 @@ class Settings(BaseSettings):
     notifier_metrics_port: int = 9102
     worker_metrics_port: int = 9103
     dispatcher_metrics_port: int = 9104
+    http_metrics_port: int = 9105
     jaeger_url: str | None = None
     """Base URL of a Jaeger UI; the CLI then prints a link to each job's trace."""
 
@@ -196,12 +312,11 @@ class Settings(BaseSettings):
 
     @property
     def provider_base_url(self) -> str:
-        """Where the worker sends Messages API calls."""
-        if self.anthropic_base_url:
-            return self.anthropic_base_url
-        if self.anthropic_api_key is not None:
-            return "https://api.anthropic.com"
-        return f"http://{self.simulator_host}:{self.simulator_port}"
+        """Where the worker sends Messages API calls: the simulator, or the real API
+        (ANTHROPIC_BASE_URL overrides it, e.g. for a proxy)."""
+        if self.provider == "simulator":
+            return f"http://{self.simulator_host}:{self.simulator_port}"
+        return self.anthropic_base_url or "https://api.anthropic.com"
 
     def metrics_port(self, service: str) -> int:
         """The Prometheus port of a service (0: no metrics endpoint)."""
@@ -214,6 +329,14 @@ class Settings(BaseSettings):
     @property
     def notifier_target(self) -> str:
         return f"{self.notifier_host}:{self.notifier_port}"
+
+    @property
+    def http_target(self) -> str:
+        return f"{self.http_host}:{self.http_port}"
+
+
+class ConfigError(Exception):
+    """Settings that a service cannot start with; it exits with this message."""
 
 
 @lru_cache(maxsize=1)

@@ -1,10 +1,10 @@
 """The local development stack: `python -m conveyor.devstack {up,down,status,demo}`.
 
-`up` applies the database migrations, then starts the simulator and the four
-services (dispatcher, worker, notifier, gateway) as background processes, each
+`up` applies the database migrations, then starts the simulator and the five
+services (dispatcher, worker, notifier, gateway, http) as background processes, each
 in its own session with `run/<name>.log` and `run/<name>.pid` (the run folder is
 CONVEYOR_RUN_DIR, default ./run), and waits until each is ready: the simulator
-answers `GET /healthz`, the gateway and notifier answer the gRPC health check
+and the HTTP API answer `GET /healthz`, the gateway and notifier answer the gRPC health check
 SERVING, the worker and dispatcher are alive and have logged "ready". A service
 whose pid file names a live process is not started twice. If one fails, the tail
 of its log is printed, what this run started is stopped, and the exit status is 1.
@@ -14,8 +14,11 @@ prints it and keeps it in `run/dev-api-key` (mode 0600), creating a new one when
 the file is missing or its key no longer works. The services it starts let
 calls without a key act as that tenant (CONVEYOR_ANONYMOUS_TENANT, unless the
 environment sets it), so the README's plain grpcurl call works as written; a
-wrong key is still refused. Webhooks are signed with the secret in
-`run/dev-webhook-secret` unless CONVEYOR_WEBHOOK_SECRET is set.
+wrong key is still refused. The development tenant's webhooks are signed with
+its secret, kept in `run/dev-webhook-secret` (made when missing or no longer the
+tenant's current one); the stored secrets are encrypted with
+CONVEYOR_WEBHOOK_SECRETS_KEY, or unless it is set, with the key kept in
+`run/dev-webhook-secrets-key`.
 
 `down` stops, in reverse order, exactly the processes named by the pid files
 (SIGTERM to the process group, SIGKILL after 10 s) and removes the pid files.
@@ -67,6 +70,9 @@ DEV_KEY_FILE = "dev-api-key"
 """The development tenant's API key, in the run folder."""
 DEV_KEY_NAME = "dev"
 DEV_WEBHOOK_SECRET_FILE = "dev-webhook-secret"
+"""The development tenant's webhook signing secret (whsec_...), in the run folder."""
+DEV_WEBHOOK_KEY_FILE = "dev-webhook-secrets-key"
+"""The key that encrypts stored webhook secrets, unless CONVEYOR_WEBHOOK_SECRETS_KEY is set."""
 
 JAEGER_UI = "http://127.0.0.1:16686"
 RABBITMQ_UI = "http://127.0.0.1:15672"
@@ -117,6 +123,8 @@ def stack(settings: Settings) -> list[Service]:
             "JobService (gRPC)",
             settings.tls_cert_file if settings.tls else None,
         ),
+        # After the gateway and notifier it calls; ready when GET /healthz answers.
+        Service("http", "services.http", "http", settings.http_target, "HTTP/JSON API, SSE"),
     ]
 
 
@@ -406,9 +414,15 @@ def cmd_up(settings: Settings, timeout: float) -> int:
         )
         return 1
     print(key_note, flush=True)
-    secret_note = ensure_dev_webhook_secret(run)
-    if secret_note:
-        print(secret_note, flush=True)
+    try:
+        secret_note = asyncio.run(ensure_dev_webhook_secret(settings, run))
+    except Exception as exc:  # reported to the developer; the URL may hold a password
+        print(
+            f"error: cannot set up the webhook signing secret: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    print(secret_note, flush=True)
 
     deadline = time.monotonic() + timeout
     started: list[Started] = []
@@ -432,6 +446,7 @@ def cmd_up(settings: Settings, timeout: float) -> int:
     print(f"              export CONVEYOR_API_KEY=$(cat {key_file})")
     print(f"  logs        {run.relative(run.path)}/<service>.log   (stop with: make down)")
     print("  try         conveyor submit 'Hello there' --watch   |   conveyor list")
+    print(f"  http api    http://{settings.http_target}/v1/jobs   (OpenAPI: /openapi.json)")
     print(f"  traces      Jaeger UI {JAEGER_UI} (when Jaeger runs)")
     print(f"  queues      RabbitMQ management UI {RABBITMQ_UI} (when enabled)")
     return 0
@@ -445,19 +460,57 @@ def _write_private(path: Path, secret: str) -> None:
         f.write(secret + "\n")
 
 
-def ensure_dev_webhook_secret(run: RunDir) -> str | None:
-    """Unless the environment sets CONVEYOR_WEBHOOK_SECRET, sign the local stack's
-    webhooks with the secret kept in `run/dev-webhook-secret` (made once, mode 0600),
-    so that webhooks work on `make up`. Returns where the secret is, or None."""
-    if os.environ.get("CONVEYOR_WEBHOOK_SECRET"):
-        return None
+def dev_webhook_secrets_key(run: RunDir) -> str:
+    """CONVEYOR_WEBHOOK_SECRETS_KEY, or unless the environment sets it, the key kept in
+    `run/dev-webhook-secrets-key` (made once, mode 0600), exported to the services
+    started here."""
+    key = os.environ.get("CONVEYOR_WEBHOOK_SECRETS_KEY", "")
+    if key:
+        return key
+    path = run.path / DEV_WEBHOOK_KEY_FILE
+    key = path.read_text().strip() if path.exists() else ""
+    if not key:
+        key = secrets.token_urlsafe(32)
+        _write_private(path, key)
+    os.environ["CONVEYOR_WEBHOOK_SECRETS_KEY"] = key  # inherited by the services started here
+    return key
+
+
+async def ensure_dev_webhook_secret(settings: Settings, run: RunDir) -> str:
+    """Sign the development tenant's webhooks on `make up`: its current secret is the
+    one in `run/dev-webhook-secret` if that still holds, else a new one is made (the
+    previous one stops signing at once) and written there. Returns what was done."""
+    from conveyor.db import tenants as tenants_db
+    from conveyor.db.engine import create_engine
+    from conveyor.webhooks import SecretBox, new_secret, secret_bytes, secret_text
+
+    box = SecretBox(dev_webhook_secrets_key(run))
     path = run.path / DEV_WEBHOOK_SECRET_FILE
-    secret = path.read_text().strip() if path.exists() else ""
-    if not secret:
-        secret = secrets.token_urlsafe(32)
-        _write_private(path, secret)
-    os.environ["CONVEYOR_WEBHOOK_SECRET"] = secret  # inherited by the services started here
-    return f"webhook signing secret: {run.relative(path)}"
+    kept = path.read_text().strip() if path.exists() else ""
+    engine = create_engine(settings.database_url.get_secret_value(), pool_size=1, pre_ping=True)
+    try:
+        async with engine.connect() as conn:
+            signing = await tenants_db.signing_secrets(conn, DEFAULT_TENANT)
+        if kept and signing:
+            try:
+                current = box.open(DEFAULT_TENANT, str(signing[0]["id"]), signing[0]["sealed"])
+                if current == secret_bytes(kept):
+                    return (
+                        f"webhook signing secret of tenant {DEFAULT_TENANT}: {run.relative(path)}"
+                    )
+            except ValueError:
+                pass  # another key, or the file was edited: make a new one
+        secret = new_secret()
+        await tenants_db.rotate_webhook_secret(
+            engine,
+            DEFAULT_TENANT,
+            lambda secret_id: box.seal(DEFAULT_TENANT, str(secret_id), secret),
+            0.0,
+        )
+    finally:
+        await engine.dispose()
+    _write_private(path, secret_text(secret))
+    return f"created a webhook signing secret for tenant {DEFAULT_TENANT}: {run.relative(path)}"
 
 
 async def ensure_dev_key(settings: Settings, run: RunDir) -> tuple[str, str]:
@@ -474,11 +527,13 @@ async def ensure_dev_key(settings: Settings, run: RunDir) -> tuple[str, str]:
         if path.exists():
             key = path.read_text().strip()
             owner = await tenants_db.resolve_key(engine, hash_key(key)) if key else None
-            if owner is not None and owner.tenant == DEFAULT_TENANT:
+            # An operator key (every tenant's stats on this machine); an older admin key
+            # is replaced, as admin keys no longer read other tenants' stats.
+            if owner is not None and owner.tenant == DEFAULT_TENANT and owner.role == "operator":
                 return key, f"development API key: {run.relative(path)}"
         async with engine.connect() as conn:
             await tenants_db.revoke_named(conn, DEFAULT_TENANT, DEV_KEY_NAME)
-        key, _ = await create_api_key(engine, DEFAULT_TENANT, DEV_KEY_NAME, "admin")
+        key, _ = await create_api_key(engine, DEFAULT_TENANT, DEV_KEY_NAME, "operator")
     finally:
         await engine.dispose()
     _write_private(path, key)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 from aio_pika.abc import AbstractExchange, DeliveryMode
@@ -52,15 +52,85 @@ def status_event(row: Mapping[str, Any], previous: str | None) -> events_pb2.Job
     return event
 
 
+Shape = tuple[int, int, bytes, bytes]
+"""What a streamed piece is: (DeltaKind, block index, block_json, citation_json)."""
+TEXT = events_pb2.DELTA_KIND_TEXT
+_MERGEABLE = frozenset(
+    {
+        events_pb2.DELTA_KIND_TEXT,
+        events_pb2.DELTA_KIND_INPUT_JSON,
+        events_pb2.DELTA_KIND_THINKING,
+        events_pb2.DELTA_KIND_SIGNATURE,
+    }
+)
+_PLAIN: dict[tuple[int, int], Shape] = {}
+
+
+def shape_of(kind: int, index: int, block: bytes = b"", cited: bytes = b"") -> Shape:
+    """The shape of a piece; the common ones (no JSON) are shared, not one tuple each."""
+    if block or cited:
+        return (kind, index, block, cited)
+    shape = _PLAIN.get((kind, index))
+    if shape is None:
+        shape = _PLAIN.setdefault((kind, index), (kind, index, b"", b""))
+    return shape
+
+
+def delta_runs(shapes: Sequence[Shape], start: int, end: int) -> list[tuple[int, int]]:
+    """Pieces start..end cut into the delta events they travel as: consecutive pieces of
+    the same block and kind (text, input JSON, thinking, signature) make one event; a
+    citation or a whole block is an event of its own."""
+    runs: list[tuple[int, int]] = []
+    i = start
+    while i < end:
+        kind, index = shapes[i][0], shapes[i][1]
+        j = i + 1
+        if kind in _MERGEABLE:
+            while j < end and shapes[j][0] == kind and shapes[j][1] == index and not shapes[j][2]:
+                j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
+def token_delta(
+    text: str,
+    attempt: int,
+    output_tokens: int,
+    kind: int = TEXT,
+    index: int = 0,
+    block: bytes = b"",
+    cited: bytes = b"",
+) -> events_pb2.TokenDelta:
+    return events_pb2.TokenDelta(
+        text=text,
+        attempt=attempt,
+        output_tokens=output_tokens,
+        kind=cast(events_pb2.DeltaKind.ValueType, kind),
+        index=index,
+        block_json=block,
+        citation_json=cited,
+    )
+
+
 def delta_event(
-    job_id: str, tenant: str, sequence: int, text: str, attempt: int, output_tokens: int
+    job_id: str,
+    tenant: str,
+    sequence: int,
+    text: str,
+    attempt: int,
+    output_tokens: int,
+    kind: int = TEXT,
+    index: int = 0,
+    block: bytes = b"",
+    cited: bytes = b"",
 ) -> events_pb2.JobEvent:
     return events_pb2.JobEvent(
         job_id=job_id,
         sequence=sequence,
         tenant=tenant,
         time=_now(),
-        token_delta=events_pb2.TokenDelta(text=text, attempt=attempt, output_tokens=output_tokens),
+        token_delta=token_delta(text, attempt, output_tokens, kind, index, block, cited),
     )
 
 

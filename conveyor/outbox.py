@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -119,9 +119,13 @@ class JobQueue:
         exchange: AbstractExchange,
         timeout_s: float = 5.0,
         tenants: TenantLanes | None = None,
+        batch_lanes: Collection[str] = (),
     ):
         """`tenants`: route each job to its tenant's lane queue (fair sharing);
-        without it, jobs go to the shared lane queues."""
+        without it, jobs go to the shared lane queues. Jobs of `batch_lanes` are not
+        published: they wait, pending, for the batcher (services.dispatcher.batcher),
+        and are only stamped so the outbox does not take them for lost publishes."""
+        self.batch_lanes = frozenset(batch_lanes)
         self.engine = engine
         self.exchange = exchange
         self.timeout_s = timeout_s
@@ -207,6 +211,15 @@ class JobQueue:
         """
         if not rows:
             return 0
+        if self.batch_lanes:
+            held = [r["id"] for r in rows if r["lane"] in self.batch_lanes]
+            if held:
+                self._to_stamp.extend(held)
+                if self._stamping is None or self._stamping.done():
+                    self._stamping = asyncio.create_task(self._stamp())
+                rows = [r for r in rows if r["lane"] not in self.batch_lanes]
+                if not rows:
+                    return len(held)
         ready = await self._ready_tenants({r["tenant"] for r in rows})
         results = await asyncio.gather(*(self._publish(r, r["tenant"] in ready) for r in rows))
         confirmed = [r["id"] for r, ok in zip(rows, results, strict=True) if ok]

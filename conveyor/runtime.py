@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -20,13 +22,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor import broker
 from conveyor.auth import OPEN_METHODS, Authenticator, authenticate
-from conveyor.config import Settings, get_settings
-from conveyor.db.engine import create_engine, migrate
-from conveyor.errors import ConveyorError
+from conveyor.config import ConfigError, Settings, get_settings
+from conveyor.db.engine import DATABASE_ERRORS, create_engine, is_data_error, migrate
+from conveyor.errors import ConveyorError, InvalidArgument, Unavailable
 from conveyor.logs import setup_logging
 from conveyor.metrics import serve_metrics
 from conveyor.processes import supervise, supervised
 from conveyor.telemetry import exporting, setup_tracing
+from conveyor.validation import METADATA_KEYS, Limits
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _wrap(self, handler: grpc.RpcMethodHandler, authenticated: bool) -> grpc.RpcMethodHandler:
         authenticator = self.authenticator
+        # A single request message is decoded here, not by grpc (which answers UNKNOWN
+        # when its deserializer raises): a body that is not the message is INVALID_ARGUMENT.
+        decode = handler.request_deserializer
+        single = handler.unary_unary is not None or handler.unary_stream is not None
+        deserializer = None if single and decode is not None else decode
         if handler.unary_unary is not None or handler.stream_unary is not None:
             call: Handler = handler.unary_unary or handler.stream_unary
 
@@ -72,9 +80,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 try:
                     if authenticated:
                         await authenticate(authenticator, context)
+                    if deserializer is None and decode is not None:
+                        request = _decoded(decode, request)
                     return await call(request, context)
                 except ConveyorError as exc:
                     await context.abort_with_status(exc.to_status())
+                except DATABASE_ERRORS as exc:
+                    await context.abort_with_status(_database_error(exc).to_status())
 
             make = (
                 grpc.unary_unary_rpc_method_handler
@@ -83,7 +95,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
             return make(
                 unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         produce: Handler = handler.unary_stream or handler.stream_stream
@@ -92,10 +104,14 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 if authenticated:
                     await authenticate(authenticator, context)
+                if deserializer is None and decode is not None:
+                    request = _decoded(decode, request)
                 async for item in produce(request, context):
                     yield item
             except ConveyorError as exc:
                 await context.abort_with_status(exc.to_status())
+            except DATABASE_ERRORS as exc:
+                await context.abort_with_status(_database_error(exc).to_status())
 
         make_stream = (
             grpc.unary_stream_rpc_method_handler
@@ -104,9 +120,26 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
         return make_stream(
             stream,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def _decoded(decode: Callable[[bytes], Any], body: bytes) -> Any:
+    """The request message in `body`, or InvalidArgument when it is not one."""
+    try:
+        return decode(body)
+    except Exception:  # DecodeError, and whatever else a parser raises on garbage
+        raise InvalidArgument("request", "is not a valid protobuf message of this method") from None
+
+
+def _database_error(exc: BaseException) -> ConveyorError:
+    """What a caller is told of a database error no servicer mapped: a value Postgres
+    refuses is the request's fault; anything else a passing failure (never UNKNOWN)."""
+    log.warning("database error reached the call's edge", extra={"error": repr(exc)})
+    if is_data_error(exc):
+        return InvalidArgument("request", "holds a value the job store cannot take")
+    return Unavailable("the job store is unavailable; try again")
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -125,6 +158,91 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+UTF8_MAX_BYTES = 4
+"""Bytes one character takes in UTF-8 at most (limits count characters)."""
+FIELD_OVERHEAD = 16
+"""Bytes of protobuf framing (tag, length) one field or entry costs, generously."""
+FIXED_FIELDS_BYTES = 4096
+"""The scalar fields of a request (durations, timestamps, numbers, model, lane)."""
+MIN_RECEIVE_BYTES = 1024 * 1024
+"""Floor of the receive size: the notifier's largest WatchJobs (1000 ids and their
+sequences) and other small requests fit whatever the input limits say."""
+
+
+def max_request_bytes(settings: Settings) -> int:
+    """The largest request the input limits allow, in bytes: one SubmitJobRequest at
+    every limit (texts at 4 bytes a character, plus framing; or a request body of
+    CONVEYOR_MAX_REQUEST_BYTES), at least 1 MiB.
+
+    It is the gRPC servers' receive size: a larger message is refused
+    RESOURCE_EXHAUSTED before it is decoded, so nothing bigger is ever held. A
+    SubmitJobs batch must fit in it too (send a big batch in pieces).
+    """
+    lim = Limits.from_settings(settings)
+    text = UTF8_MAX_BYTES * lim.max_text_chars + lim.max_messages * (
+        2 * FIELD_OVERHEAD + len("assistant")
+    )
+    labels = lim.max_labels * (2 * UTF8_MAX_BYTES * lim.max_label_chars + 3 * FIELD_OVERHEAD)
+    metadata = len(METADATA_KEYS) * (
+        UTF8_MAX_BYTES * (lim.max_metadata_chars + 64) + 3 * FIELD_OVERHEAD
+    )
+    stops = lim.max_stop_sequences * (UTF8_MAX_BYTES * lim.max_stop_sequence_chars + FIELD_OVERHEAD)
+    strings = UTF8_MAX_BYTES * (lim.max_url_chars + lim.max_key_chars) + 2 * FIELD_OVERHEAD
+    # The call is the short form or the whole body (request_json), never both.
+    call = max(text + metadata + stops, settings.max_request_bytes + FIELD_OVERHEAD)
+    total = call + labels + strings + FIXED_FIELDS_BYTES
+    return max(MIN_RECEIVE_BYTES, total)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listener bound to `host` is reachable from this machine only.
+
+    An empty host or a wildcard (0.0.0.0, ::) is every interface; a name counts
+    as loopback only if every address it resolves to is one.
+    """
+    host = host.strip().removeprefix("[").removesuffix("]")
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(
+        ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in addresses
+    )
+
+
+def check_anonymous(settings: Settings, host: str, listener: str, *, warn: bool = True) -> None:
+    """Refuse (ConfigError) an anonymous tenant on a listener other machines reach,
+    unless allow_anonymous_on_network says so; log a warning whenever it is on."""
+    if settings.anonymous_tenant is None:
+        return
+    if not is_loopback(host) and not settings.allow_anonymous_on_network:
+        raise ConfigError(
+            f"CONVEYOR_ANONYMOUS_TENANT is set and the {listener} listens on {host!r},"
+            " which is not a loopback address: anyone who reaches it would act as tenant"
+            f" {settings.anonymous_tenant!r} without a key. Unset it and use API keys"
+            " (`conveyor keys create`), bind the listener to 127.0.0.1, or set"
+            " CONVEYOR_ALLOW_ANONYMOUS_ON_NETWORK=true if something in front authenticates."
+        )
+    if not warn:
+        return
+    log.warning(
+        "calls without an API key act as the anonymous tenant",
+        extra={
+            "tenant": settings.anonymous_tenant,
+            "listener": listener,
+            "host": host,
+            "on_network": not is_loopback(host),
+        },
+    )
+
+
 def grpc_server(
     service_names: Iterable[str],
     register: Callable[[grpc.aio.Server], None],
@@ -138,12 +256,19 @@ def grpc_server(
     Every call but health and reflection is authenticated (see conveyor.auth): the
     API keys are looked up through `engine`, or through a small pool of the
     server's own. The port serves TLS when the settings name a certificate.
+    With an anonymous tenant, a non-loopback `address` is refused (ConfigError;
+    see `check_anonymous`). The server takes at most grpc_max_concurrent_rpcs
+    calls at once and messages of at most `max_request_bytes`.
     Returns the server, its health servicer and the bound port (useful with port 0).
     """
     settings = settings or get_settings()
+    names = list(service_names)
+    check_anonymous(settings, address.rpartition(":")[0], f"gRPC server of {', '.join(names)}")
     if engine is None:
         engine = create_engine(settings.database_url.get_secret_value(), pool_size=2)
-    authenticator = Authenticator(engine, settings.anonymous_tenant, settings.auth_cache_s)
+    authenticator = Authenticator(
+        engine, settings.anonymous_tenant, settings.auth_cache_s, settings.auth_cache_size
+    )
     interceptors: list[grpc.aio.ServerInterceptor] = [CallInterceptor(authenticator)]
     if exporting():
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
@@ -153,13 +278,13 @@ def grpc_server(
         interceptors=interceptors,
         options=[
             ("grpc.so_reuseport", 1 if settings.grpc_reuse_port else 0),
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_receive_message_length", max_request_bytes(settings)),
         ],
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = list(service_names)
     reflection.enable_server_reflection(
         [
             *names,
@@ -227,6 +352,14 @@ def run_service(
     """
     settings = get_settings()
     setup_logging(name, settings.log_level, settings.log_json)
+    grpc_host: str | None = getattr(settings, f"{name}_host", None)
+    try:
+        # Before anything starts (and before a supervisor would restart children that fail).
+        if grpc_host is not None:
+            check_anonymous(settings, grpc_host, f"{name}'s gRPC listener", warn=False)
+    except ConfigError as exc:
+        log.error("refusing to start: %s", exc)
+        sys.exit(2)
     if processes > 1 and not supervised():
         sys.exit(
             supervise(
@@ -254,9 +387,13 @@ def run_service(
     gc.collect()
     gc.freeze()
     try:
-        import uvloop
+        try:
+            import uvloop
 
-        uvloop.run(main())
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(main())
+            uvloop.run(main())
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            asyncio.run(main())
+    except ConfigError as exc:  # settings it cannot run with: say why, exit 2
+        log.error("refusing to start: %s", exc)
+        sys.exit(2)
     log.info("stopped")

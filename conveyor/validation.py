@@ -10,13 +10,18 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
+from typing import Any
 
 from conveyor.config import Settings
+from conveyor.convert import check_text, key_field, to_datetime, to_timedelta
 from conveyor.db.jobs import NewJob, utcnow
 from conveyor.errors import InvalidArgument
+from conveyor.request_body import BodyLimits
+from conveyor.request_body.submit import BODY_PATH, body_form
 from conveyor.v1 import jobs_pb2
 
 
@@ -84,7 +89,8 @@ def _limits(
 
 LIMITS = Limits()
 """The default bounds (those of the default settings)."""
-_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
+"""A model name, matched whole (fullmatch: `$` would let a trailing newline through)."""
 METADATA_KEYS = frozenset({"user_id"})
 """The keys the Messages API accepts in `metadata`."""
 
@@ -96,9 +102,19 @@ def _check(ok: bool, field: str, description: str) -> None:
 
 def _check_map(values: dict[str, str], field: str, max_items: int, max_chars: int) -> None:
     _check(len(values) <= max_items, field, f"at most {max_items} entries")
+    check_strings(values, field)
     for k, v in values.items():
-        _check(0 < len(k) <= max_chars, f"{field}[{k!r}]", f"keys are 1..{max_chars} characters")
-        _check(len(v) <= max_chars, f"{field}[{k!r}]", f"values are at most {max_chars} characters")
+        _check(0 < len(k) <= max_chars, key_field(field, k), f"keys are 1..{max_chars} characters")
+        _check(
+            len(v) <= max_chars, key_field(field, k), f"values are at most {max_chars} characters"
+        )
+
+
+def check_strings(values: Mapping[str, str], field: str) -> None:
+    """Refuse a NUL in a map's keys or values (labels, metadata, label filters)."""
+    for k, v in values.items():
+        check_text(k, key_field(field, k))
+        check_text(v, key_field(field, k))
 
 
 def request_hash(req: jobs_pb2.SubmitJobRequest) -> str:
@@ -115,12 +131,34 @@ def validate_submit(
 ) -> NewJob:
     """Check a SubmitJobRequest and turn it into a row to insert.
 
-    `prefix` is put before field names, e.g. `jobs[3].` for a batch.
+    `prefix` is put before field names, e.g. `jobs[3].` for a batch. The call is the
+    whole Messages API body (`request_json`, checked by conveyor.request_body) or the
+    short typed form for a text prompt, whose checks cost far less.
     """
     lim = Limits.from_settings(settings)
-    p = prefix
+    if req.request_json:
+        model, body = body_form(req, BodyLimits.from_settings(settings), prefix)
+        _check_model(model, lim, f"{prefix}{BODY_PATH}.model")
+    else:
+        model, body = _short_form(req, lim, prefix)
+    return _new_job(req, settings, lim, tenant, prefix, now, model, body)
+
+
+def _check_model(model: str, lim: Limits, field: str) -> None:
+    _check(bool(_MODEL.fullmatch(model)), field, "is not a valid model name")
+    _check(
+        lim.model_allowed(model),
+        field,
+        f"is not an allowed model (allowed: {', '.join(lim.allowed_models)})",
+    )
+
+
+def _short_form(
+    req: jobs_pb2.SubmitJobRequest, lim: Limits, p: str
+) -> tuple[str, dict[str, object]]:
+    """Check the short typed form; (model, the Messages API body it stands for)."""
     _check(bool(req.model), f"{p}model", "is required")
-    _check(bool(_MODEL.match(req.model)), f"{p}model", "is not a valid model name")
+    _check(bool(_MODEL.fullmatch(req.model)), f"{p}model", "is not a valid model name")
     _check(
         lim.model_allowed(req.model),
         f"{p}model",
@@ -139,6 +177,7 @@ def validate_submit(
         f"{p}system",
         f"at most {lim.max_text_chars} characters",
     )
+    check_text(req.system, f"{p}system")
     total = len(req.system)
     for i, m in enumerate(req.messages):
         _check(
@@ -147,6 +186,7 @@ def validate_submit(
             'must be "user" or "assistant"',
         )
         _check(bool(m.content), f"{p}messages[{i}].content", "must not be empty")
+        check_text(m.content, f"{p}messages[{i}].content")
         total += len(m.content)
     _check(
         req.messages[0].role == "user",
@@ -167,6 +207,7 @@ def validate_submit(
     )
     for i, s in enumerate(req.stop_sequences):
         _check(bool(s.strip()), f"{p}stop_sequences[{i}]", "must contain non-whitespace")
+        check_text(s, f"{p}stop_sequences[{i}]")
         _check(
             len(s) <= lim.max_stop_sequence_chars,
             f"{p}stop_sequences[{i}]",
@@ -175,11 +216,36 @@ def validate_submit(
     for key in req.metadata:
         _check(
             key in METADATA_KEYS,
-            f"{p}metadata[{key!r}]",
+            key_field(f"{p}metadata", key),
             f"the Messages API takes only {', '.join(sorted(METADATA_KEYS))}",
         )
     _check_map(dict(req.metadata), f"{p}metadata", len(METADATA_KEYS), lim.max_metadata_chars)
+    body: dict[str, object] = {
+        "max_tokens": req.max_tokens,
+        "messages": [{"role": m.role, "content": m.content} for m in req.messages],
+    }
+    if req.system:
+        body["system"] = req.system
+    if req.HasField("temperature"):
+        body["temperature"] = req.temperature
+    if req.stop_sequences:
+        body["stop_sequences"] = list(req.stop_sequences)
+    if req.metadata:
+        body["metadata"] = dict(req.metadata)
+    return req.model, body
 
+
+def _new_job(
+    req: jobs_pb2.SubmitJobRequest,
+    settings: Settings,
+    lim: Limits,
+    tenant: str,
+    p: str,
+    now: datetime | None,
+    model: str,
+    body: dict[str, Any],
+) -> NewJob:
+    """Check Conveyor's own fields (either form); the row to insert."""
     _check(
         0 <= req.priority <= settings.max_priority,
         f"{p}priority",
@@ -192,6 +258,7 @@ def validate_submit(
         f"{p}idempotency_key",
         f"at most {lim.max_key_chars} characters",
     )
+    check_text(req.idempotency_key, f"{p}idempotency_key")
     _check(
         0 <= req.max_attempts <= lim.max_attempts,
         f"{p}max_attempts",
@@ -219,6 +286,7 @@ def validate_submit(
             f"{p}webhook_url",
             "must be an http(s) URL",
         )
+        check_text(req.webhook_url, f"{p}webhook_url")
 
     now = now or utcnow()
     run_at: datetime | None = None
@@ -228,7 +296,7 @@ def validate_submit(
         "give run_at or delay, not both",
     )
     if req.HasField("delay"):
-        delay = req.delay.ToTimedelta()
+        delay = to_timedelta(req.delay, f"{p}delay")
         _check(
             timedelta(0) <= delay <= lim.max_delay,
             f"{p}delay",
@@ -236,32 +304,20 @@ def validate_submit(
         )
         run_at = now + delay if delay > timedelta(0) else None
     elif req.HasField("run_at"):
-        run_at = req.run_at.ToDatetime(tzinfo=now.tzinfo)
+        run_at = to_datetime(req.run_at, f"{p}run_at")
         _check(run_at <= now + lim.max_delay, f"{p}run_at", f"at most {lim.max_delay} ahead")
     timeout = timedelta(seconds=settings.default_timeout_s)
     if req.HasField("timeout"):
-        timeout = req.timeout.ToTimedelta()
+        timeout = to_timedelta(req.timeout, f"{p}timeout")
         _check(
             timedelta(0) < timeout <= lim.max_timeout,
             f"{p}timeout",
             f"must be between 0 and {lim.max_timeout}",
         )
 
-    body: dict[str, object] = {
-        "max_tokens": req.max_tokens,
-        "messages": [{"role": m.role, "content": m.content} for m in req.messages],
-    }
-    if req.system:
-        body["system"] = req.system
-    if req.HasField("temperature"):
-        body["temperature"] = req.temperature
-    if req.stop_sequences:
-        body["stop_sequences"] = list(req.stop_sequences)
-    if req.metadata:
-        body["metadata"] = dict(req.metadata)
     return NewJob(
         tenant=tenant,
-        model=req.model,
+        model=model,
         request=body,
         lane=lane,
         priority=req.priority,

@@ -3,6 +3,11 @@
 One image runs every service, so one script checks each the way it can be checked:
 
 - `grpc HOST:PORT`: the gRPC health service answers SERVING (gateway, notifier);
+  over TLS when the service serves TLS (`CONVEYOR_TLS_CERT_FILE` is set), trusting
+  `CONVEYOR_TLS_ROOT_CERTS` or else that certificate itself, presenting
+  `CONVEYOR_TLS_CLIENT_CERT_FILE` / `_KEY_FILE` when set (mutual TLS), and checking
+  the certificate against `CONVEYOR_TLS_SERVER_NAME` when set (a certificate issued
+  for a DNS name, checked at 127.0.0.1);
 - `http URL`: the URL answers 200 (simulator, `http://127.0.0.1:8765/healthz`);
 - `amqp`: this container holds an established TCP connection to the broker's port,
   taken from `CONVEYOR_AMQP_URL` (worker, dispatcher: they serve no endpoint, and
@@ -18,8 +23,9 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 TIMEOUT_S = 3.0
@@ -31,17 +37,40 @@ TCP_ESTABLISHED = "01"
 USAGE = "usage: healthcheck.py grpc HOST:PORT | http URL | amqp"
 
 
-def grpc_serving(address: str, timeout_s: float = TIMEOUT_S) -> bool:
+def _channel(address: str, environ: Mapping[str, str]) -> Any:
+    """A channel to `address`: TLS when the environment names a server certificate."""
+    import grpc
+
+    cert_file = environ.get("CONVEYOR_TLS_CERT_FILE")
+    if not cert_file:
+        return grpc.insecure_channel(address)
+    roots = environ.get("CONVEYOR_TLS_ROOT_CERTS") or cert_file
+    client_cert = environ.get("CONVEYOR_TLS_CLIENT_CERT_FILE")
+    client_key = environ.get("CONVEYOR_TLS_CLIENT_KEY_FILE")
+    mutual = bool(client_cert and client_key)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(roots).read_bytes(),
+        private_key=Path(client_key).read_bytes() if mutual and client_key else None,
+        certificate_chain=Path(client_cert).read_bytes() if mutual and client_cert else None,
+    )
+    server_name = environ.get("CONVEYOR_TLS_SERVER_NAME")
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def grpc_serving(
+    address: str, timeout_s: float = TIMEOUT_S, environ: Mapping[str, str] | None = None
+) -> bool:
     """Whether the gRPC health service at `address` reports the server SERVING."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(address) as channel:
+        with _channel(address, os.environ if environ is None else environ) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
             )
-    except grpc.RpcError:
+    except (grpc.RpcError, OSError):  # OSError: a certificate file that cannot be read
         return False
     return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 from alembic import command
 from alembic.config import Config
+from asyncpg.exceptions._base import DataError as _ClientDataError
 from opentelemetry.trace import SpanKind
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DataError as SADataError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import greenlet_spawn
@@ -45,9 +48,53 @@ DATABASE_ERRORS = (
 """What a statement raises when the database fails it, through SQLAlchemy or not."""
 
 
+def is_data_error(exc: BaseException) -> bool:
+    """Whether a database error is about a value the statement carried (SQLSTATE class 22:
+    a NUL or untranslatable character, a number or time out of range, ...), or one
+    the driver could not encode: the statement would fail again, and a statement
+    without that value would not. SQLAlchemy's wrapper is looked through."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # the error, SQLAlchemy's `orig`, its adapter's cause
+        if seen is None:
+            return False
+        if isinstance(seen, (asyncpg.exceptions.DataError, _ClientDataError, SADataError)):
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
+
+
+_SERVER_TIMEOUTS = (
+    asyncpg.exceptions.QueryCanceledError,  # statement_timeout (or a cancel request)
+    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
+)
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether a statement ran out of time: the server cancelled it (statement or lock
+    timeout) or the client stopped waiting (command timeout). Nothing was written by
+    a cancelled statement; it may succeed when tried again. SQLAlchemy's wrapper is
+    looked through."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # the error, SQLAlchemy's `orig`, its adapter's cause
+        if seen is None:
+            return False
+        if isinstance(seen, (TimeoutError, *_SERVER_TIMEOUTS)):
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a database error is worth trying again later: a lost connection or a
+    statement that ran out of time."""
+    return is_disconnect(exc) or is_timeout(exc)
+
+
 def is_disconnect(exc: BaseException) -> bool:
     """Whether a database error means the connection (or the server) went away, so
     that the connection is unusable and the statement worth running on another."""
+    if is_data_error(exc):  # a refused value (its message may say "closed")
+        return False
     # InternalClientError: a server closing a connection sends its error first and
     # closes the socket after; a statement started between the two finds the
     # connection's protocol still busy with that error ("another operation is in
@@ -135,14 +182,49 @@ async def once_more_on_disconnect(op: Callable[[], Awaitable[T]]) -> T:
         return await op()
 
 
-def create_engine(url: str, pool_size: int = 10, pre_ping: bool = False) -> AsyncEngine:
+@dataclass(frozen=True)
+class Timeouts:
+    """Limits on every statement of an engine (seconds; 0 for no limit on the server's)."""
+
+    statement_s: float = 30.0
+    """Server side (statement_timeout): a statement running longer is cancelled."""
+    lock_s: float = 10.0
+    """Server side (lock_timeout): a statement waiting longer for a lock is cancelled."""
+    command_s: float = 60.0
+    """Client side (asyncpg's connect timeout and command_timeout): a server that does
+    not answer at all (hung, or a network that drops packets)."""
+
+    @classmethod
+    def from_settings(cls) -> Timeouts:
+        from conveyor.config import get_settings
+
+        s = get_settings()
+        return cls(s.db_statement_timeout_s, s.db_lock_timeout_s, s.db_command_timeout_s)
+
+    def connect_args(self) -> dict[str, Any]:
+        return {
+            "timeout": self.command_s,
+            "command_timeout": self.command_s,
+            "server_settings": {
+                "statement_timeout": str(round(self.statement_s * 1000)),
+                "lock_timeout": str(round(self.lock_s * 1000)),
+            },
+        }
+
+
+def create_engine(
+    url: str, pool_size: int = 10, pre_ping: bool = False, timeouts: Timeouts | None = None
+) -> AsyncEngine:
     """An engine whose pool recovers from a Postgres restart, traced when exporting.
 
     It runs in autocommit: every write Conveyor makes is one statement (a transition
     and its history row travel in one CTE), atomic by itself, so BEGIN and COMMIT
     would only add round trips. Services leave `pre_ping` off (it costs a round trip
     per checkout) and retry a disconnect instead; tools that cannot retry turn it on.
+    Every statement is bounded by `timeouts` (by default the CONVEYOR_DB_*_TIMEOUT_S
+    settings): a hung database fails a call instead of holding it for ever.
     """
+    timeouts = timeouts or Timeouts.from_settings()
     engine = create_async_engine(
         asyncpg_url(url),
         pool_size=pool_size,
@@ -152,6 +234,7 @@ def create_engine(url: str, pool_size: int = 10, pre_ping: bool = False) -> Asyn
         pool_pre_ping=pre_ping,
         isolation_level="AUTOCOMMIT",
         pool_recycle=1800,
+        connect_args=timeouts.connect_args(),
     )
     if exporting():
         from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor

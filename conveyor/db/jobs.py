@@ -12,7 +12,7 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -59,6 +59,10 @@ class NewJob:
     trace_id: str | None = None
     traceparent: str | None = None
     id: uuid.UUID = field(default_factory=uuid.uuid4)
+    budget_micros: int | None = None
+    """Reserved in the tenant's budget ledger at submit (services.gateway.budgets)."""
+    budget_day: date | None = None
+    """The UTC day (and so month) the reservation counts in."""
 
 
 @dataclass(frozen=True)
@@ -69,10 +73,15 @@ class Outcome:
     result_text: str | None = None
     stop_reason: str | None = None
     usage: Mapping[str, int] | None = None
+    result: Mapping[str, Any] | None = None
+    """The final message but its text: id, model, content blocks, stop_sequence, usage."""
     error: Mapping[str, Any] | None = None
     dead_reason: str | None = None
     retry_in_s: float | None = None
     """For a retry: the wait, counted from the moment this outcome is written."""
+    cost_micros: int | None = None
+    """What this attempt cost (conveyor.pricing.cost_micros: 0 without usage); None:
+    the model is unpriced. Attempts' costs add up on the job."""
 
 
 def _status(job: NewJob, now: datetime) -> str:
@@ -100,6 +109,8 @@ def _values(job: NewJob, now: datetime) -> dict[str, Any]:
         "run_at": job.run_at,
         "trace_id": job.trace_id,
         "traceparent": job.traceparent,
+        "budget_micros": job.budget_micros,
+        "budget_day": job.budget_day,
         "seq": 1,
         "created_at": now,
         "updated_at": now,
@@ -110,16 +121,18 @@ _INSERT = """
 WITH ins AS (
   INSERT INTO jobs (id, tenant, status, lane, priority, model, request, labels, idempotency_key,
                     request_hash, max_attempts, timeout_ms, webhook_url, run_at, trace_id,
-                    traceparent, webhook_all_events, seq, created_at, updated_at)
+                    traceparent, webhook_all_events, budget_micros, budget_day, seq, created_at,
+                    updated_at)
   SELECT j.id, j.tenant, j.status, j.lane, j.priority, j.model, j.request::jsonb, j.labels::jsonb,
          j.idempotency_key, j.request_hash, j.max_attempts, j.timeout_ms, j.webhook_url, j.run_at,
-         j.trace_id, j.traceparent, j.webhook_all_events, 1, $1, $1
+         j.trace_id, j.traceparent, j.webhook_all_events, j.budget_micros, j.budget_day, 1, $1, $1
     FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::text[],
                 $8::text[], $9::text[], $10::text[], $11::text[], $12::int2[], $13::int4[],
-                $14::text[], $15::timestamptz[], $16::text[], $17::text[], $18::bool[])
+                $14::text[], $15::timestamptz[], $16::text[], $17::text[], $18::bool[],
+                $20::int8[], $21::date[])
       AS j(id, tenant, status, lane, priority, model, request, labels, idempotency_key,
            request_hash, max_attempts, timeout_ms, webhook_url, run_at, trace_id, traceparent,
-           webhook_all_events)
+           webhook_all_events, budget_micros, budget_day)
   ON CONFLICT ON CONSTRAINT jobs_tenant_idempotency_key DO NOTHING
   RETURNING id
 ), ev AS (
@@ -140,21 +153,11 @@ def new_row(job: NewJob, now: datetime) -> Row:
     return row
 
 
-async def insert_jobs(
-    engine: AsyncEngine, new_jobs: Sequence[NewJob], actors: Sequence[str | None]
-) -> list[Row]:
-    """Insert jobs and their first history rows (naming each job's actor, who submitted
-    it) in one statement, skipping those whose (tenant, idempotency key) exists, in the
-    table or earlier in `new_jobs`.
-
-    Returns the rows inserted (in no particular order); a job absent from the
-    result collided with an earlier job's idempotency key. One statement of a fixed
-    shape whatever the batch size, so it is prepared once; its parameters go to the
-    driver as they are (SQLAlchemy's per-element processing of array parameters cost
-    more than the statement), and only the ids come back: the rest is known here.
-    """
-    now = utcnow()
-    params = (
+def insert_params(
+    new_jobs: Sequence[NewJob], actors: Sequence[str | None], now: datetime
+) -> tuple[Any, ...]:
+    """The positional parameters of `_INSERT` for `new_jobs` (one array per column)."""
+    return (
         now,
         [j.id for j in new_jobs],
         [j.tenant for j in new_jobs],
@@ -174,7 +177,26 @@ async def insert_jobs(
         [j.traceparent for j in new_jobs],
         [j.webhook_all_events for j in new_jobs],
         list(actors),
+        [j.budget_micros for j in new_jobs],
+        [j.budget_day for j in new_jobs],
     )
+
+
+async def insert_jobs(
+    engine: AsyncEngine, new_jobs: Sequence[NewJob], actors: Sequence[str | None]
+) -> list[Row]:
+    """Insert jobs and their first history rows (naming each job's actor, who submitted
+    it) in one statement, skipping those whose (tenant, idempotency key) exists, in the
+    table or earlier in `new_jobs`.
+
+    Returns the rows inserted (in no particular order); a job absent from the
+    result collided with an earlier job's idempotency key. One statement of a fixed
+    shape whatever the batch size, so it is prepared once; its parameters go to the
+    driver as they are (SQLAlchemy's per-element processing of array parameters cost
+    more than the statement), and only the ids come back: the rest is known here.
+    """
+    now = utcnow()
+    params = insert_params(new_jobs, actors, now)
     inserted = {r["id"] for r in await fetch(engine, _INSERT, params)}
     return [new_row(j, now) for j in new_jobs if j.id in inserted]
 
@@ -223,9 +245,12 @@ async def list_jobs(
     flt: ListFilter,
     limit: int,
     after: tuple[datetime, uuid.UUID] | None,
+    full: bool = True,
 ) -> list[Row]:
-    """A page of jobs, newest first, keyset-paginated after (created_at, id)."""
-    stmt = sa.select(jobs).where(jobs.c.tenant == flt.tenant)
+    """A page of jobs, newest first, keyset-paginated after (created_at, id); without
+    `full`, the bulky request body and final message are not read (null)."""
+    columns = jobs.c if full else [c for c in jobs.c if c.name not in _BULKY]
+    stmt = sa.select(*columns).where(jobs.c.tenant == flt.tenant)
     if flt.statuses:
         stmt = stmt.where(jobs.c.status.in_(list(flt.statuses)))
     if flt.lane:
@@ -239,7 +264,12 @@ async def list_jobs(
     if after is not None:
         stmt = stmt.where(sa.tuple_(jobs.c.created_at, jobs.c.id) < sa.tuple_(*after))
     stmt = stmt.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
-    return [dict(r) for r in (await conn.execute(stmt)).mappings()]
+    left_out = dict.fromkeys(() if full else _BULKY)
+    return [{**r, **left_out} for r in (await conn.execute(stmt)).mappings()]
+
+
+_BULKY = ("request", "result")
+"""Columns a BASIC listing leaves out."""
 
 
 _PARAM_CASTS: dict[str, str] = {
@@ -255,6 +285,7 @@ _PARAM_CASTS: dict[str, str] = {
     "dead_reason": "text",
     "previous": "text",
     "actor": "text",
+    "cost": "int8",
 }
 """Types of the parameters Postgres cannot infer where they stand (in CASE, IS NULL)."""
 
@@ -361,6 +392,9 @@ WITH moved AS (
      SET status = :status, result_text = :result_text, stop_reason = :stop_reason,
          input_tokens = :input_tokens, output_tokens = :output_tokens,
          cache_creation_input_tokens = :cache_creation, cache_read_input_tokens = :cache_read,
+         result = CAST(:result AS jsonb),
+         cost_micros = CASE WHEN CAST(:cost AS bigint) IS NULL THEN NULL
+                            ELSE coalesce(cost_micros, 0) + :cost END,
          error = CAST(:error AS jsonb), dead_reason = :dead_reason,
          finished_at = CASE WHEN :terminal THEN :now ELSE NULL END,
          run_at = :run_at, published_at = CASE WHEN :terminal THEN published_at ELSE NULL END,
@@ -416,6 +450,8 @@ async def finish(
             "output_tokens": usage.get("output_tokens"),
             "cache_creation": usage.get("cache_creation_input_tokens"),
             "cache_read": usage.get("cache_read_input_tokens"),
+            "result": _json(outcome.result),
+            "cost": outcome.cost_micros,
             "error": _json(outcome.error),
             "dead_reason": outcome.dead_reason,
             "run_at": run_at,
@@ -507,22 +543,39 @@ async def request_cancel(
     )
 
 
-async def heartbeat(engine: AsyncEngine, leases: Sequence[uuid.UUID]) -> list[uuid.UUID]:
-    """Renew the leases of running jobs; returns the ids of those whose cancel was requested."""
+@dataclass(frozen=True)
+class Renewal:
+    """What a heartbeat learnt about the leases it renewed."""
+
+    lost: frozenset[uuid.UUID]
+    """Leases that no longer hold: the job was taken over (stalled-job recovery, then
+    perhaps another worker's claim), or is no longer running."""
+    cancel: tuple[uuid.UUID, ...]
+    """Ids of renewed jobs whose cancel was requested."""
+
+
+async def heartbeat(engine: AsyncEngine, leases: Sequence[uuid.UUID]) -> Renewal:
+    """Renew the leases of running jobs: which ones were lost, which jobs to cancel."""
     if not leases:
-        return []
+        return Renewal(lost=frozenset(), cancel=())
     async with engine.connect() as conn:
         result = await conn.execute(
             sa.update(jobs)
             .where(
                 jobs.c.lease_id
-                == sa.any_(sa.bindparam("leases", type_=sa.ARRAY(UUID(as_uuid=True))))
+                == sa.any_(sa.bindparam("leases", type_=sa.ARRAY(UUID(as_uuid=True)))),
+                jobs.c.status == JobState.RUNNING.value,
             )
             .values(heartbeat_at=utcnow())
-            .returning(jobs.c.id, jobs.c.cancel_requested_at),
+            .returning(jobs.c.id, jobs.c.lease_id, jobs.c.cancel_requested_at),
             {"leases": list(leases)},
         )
-        return [r.id for r in result if r.cancel_requested_at is not None]
+        rows = list(result)
+    held = {r.lease_id for r in rows}
+    return Renewal(
+        lost=frozenset(lease for lease in leases if lease not in held),
+        cancel=tuple(r.id for r in rows if r.cancel_requested_at is not None),
+    )
 
 
 _REQUEUE_STALLED = _sql(
@@ -619,6 +672,33 @@ async def unpublished(engine: AsyncEngine, older_than_s: float, limit: int = 500
             .limit(limit)
         )
         return [dict(r) for r in result.mappings()]
+
+
+_REPUBLISH_STALE = _sql(
+    """
+WITH stale AS (
+  SELECT id FROM jobs
+   WHERE status = 'pending' AND published_at IS NOT NULL AND published_at < :stale_before
+   ORDER BY published_at LIMIT :limit FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs j SET published_at = :now
+  FROM stale WHERE j.id = stale.id
+RETURNING j.id, j.tenant, j.lane, j.priority, j.trace_id, j.traceparent, j.status
+"""
+)
+
+
+async def stale_pending(engine: AsyncEngine, older_than_s: float, limit: int = 500) -> list[Row]:
+    """Pending jobs whose message went out more than `older_than_s` ago and was never
+    claimed (a purged or lost queue), to publish again; each is stamped as published
+    now, so it is republished at most once per `older_than_s`. A job whose message is
+    merely waiting in a long queue gets a second one, which the conditional claim
+    makes harmless."""
+    now = utcnow()
+    return await _REPUBLISH_STALE.fetch(
+        engine,
+        {"stale_before": now - timedelta(seconds=older_than_s), "now": now, "limit": limit},
+    )
 
 
 async def history(conn: AsyncConnection, job_id: uuid.UUID, after_seq: int = 0) -> list[Row]:
@@ -770,3 +850,61 @@ async def stats(conn: AsyncConnection, tenant: str) -> Stats:
         run_time_p50_s=None if perf.p50 is None else float(perf.p50),
         run_time_p95_s=None if perf.p95 is None else float(perf.p95),
     )
+
+
+@dataclass(frozen=True)
+class CostRow:
+    """Jobs of one tenant, model and lane finished in a window, and what they cost."""
+
+    tenant: str
+    model: str
+    lane: str
+    jobs: int
+    unpriced_jobs: int
+    cost_micros: int
+    tokens: dict[str, int]
+
+
+async def cost_rows(
+    conn: AsyncConnection, tenant: str | None, since: datetime, until: datetime
+) -> list[CostRow]:
+    """Cost per tenant, model and lane of the jobs finished in [since, until) (of one
+    tenant, or of all with None); an unpriced job counts in `unpriced_jobs`, not in
+    the cost. Reads the jobs table (the retention purge bounds what it covers)."""
+    result = await conn.execute(
+        sa.text(
+            """
+            SELECT tenant, model, lane, count(*) AS jobs,
+                   count(*) FILTER (WHERE cost_micros IS NULL) AS unpriced_jobs,
+                   coalesce(sum(cost_micros), 0) AS cost_micros,
+                   coalesce(sum(input_tokens), 0) AS input_tokens,
+                   coalesce(sum(output_tokens), 0) AS output_tokens,
+                   coalesce(sum(cache_creation_input_tokens), 0) AS cache_creation_input_tokens,
+                   coalesce(sum(cache_read_input_tokens), 0) AS cache_read_input_tokens
+              FROM jobs
+             WHERE finished_at >= :since AND finished_at < :until
+               AND (CAST(:tenant AS text) IS NULL OR tenant = :tenant)
+             GROUP BY tenant, model, lane
+             ORDER BY tenant, model, lane
+            """
+        ),
+        {"since": since, "until": until, "tenant": tenant},
+    )
+    keys = (
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    )
+    return [
+        CostRow(
+            tenant=r["tenant"],
+            model=r["model"],
+            lane=r["lane"],
+            jobs=int(r["jobs"]),
+            unpriced_jobs=int(r["unpriced_jobs"]),
+            cost_micros=int(r["cost_micros"]),
+            tokens={k: int(r[k]) for k in keys},
+        )
+        for r in result.mappings()
+    ]

@@ -41,6 +41,9 @@ jobs = sa.Table(
     sa.Column("output_tokens", sa.Integer),
     sa.Column("cache_creation_input_tokens", sa.Integer),
     sa.Column("cache_read_input_tokens", sa.Integer),
+    # The whole final message but its text: {"id", "model", "content", "stop_sequence",
+    # "usage"} as the provider returned them (migration 0006).
+    sa.Column("result", JSONB),
     sa.Column("error", JSONB),
     sa.Column("dead_reason", sa.Text),
     sa.Column("trace_id", sa.Text),
@@ -55,6 +58,12 @@ jobs = sa.Table(
     sa.Column("cancel_requested_at", sa.DateTime(timezone=True)),
     # Who asked for the cancel (the actor of the `cancelled` transition that follows).
     sa.Column("cancel_requested_by", sa.Text),
+    # What the job's attempts cost, micro-dollars; NULL: unfinished or unpriced model.
+    sa.Column("cost_micros", sa.BigInteger),
+    # What the tenant's budget ledger counts for the job (its reservation, then its
+    # cost), and the UTC day it counts in; NULL: no budget at submit (migration 0009).
+    sa.Column("budget_micros", sa.BigInteger),
+    sa.Column("budget_day", sa.Date),
     sa.CheckConstraint(
         "status IN ('pending','scheduled','running','succeeded','failed','cancelled','dead')",
         name="jobs_status_valid",
@@ -69,6 +78,11 @@ sa.Index(
     postgresql_where=sa.text("published_at IS NULL AND status = 'pending'"),
 )
 sa.Index("jobs_due", jobs.c.run_at, postgresql_where=sa.text("status = 'scheduled'"))
+sa.Index(
+    "jobs_pending_published",
+    jobs.c.published_at,
+    postgresql_where=sa.text("status = 'pending' AND published_at IS NOT NULL"),
+)
 
 job_events = sa.Table(
     "job_events",
@@ -142,7 +156,8 @@ api_keys = sa.Table(
     ),
     sa.Column("revoked_at", sa.DateTime(timezone=True)),
     sa.Column("last_used_at", sa.DateTime(timezone=True)),
-    sa.CheckConstraint("role IN ('member','admin')", name="api_keys_role_valid"),
+    # member, admin (a tenant's) or operator (every tenant's stats; migration 0004).
+    sa.CheckConstraint("role IN ('member','admin','operator')", name="api_keys_role_valid"),
 )
 sa.Index(
     "api_keys_tenant_name",
@@ -165,6 +180,23 @@ tenants = sa.Table(
     sa.Column("submit_per_minute", sa.Integer),
     sa.Column("max_running", sa.Integer),
     sa.Column("running", sa.Integer, nullable=False, server_default="0"),
+    # Days finished jobs are kept; NULL: CONVEYOR_RETENTION_DAYS (migration 0007).
+    sa.Column("retention_days", sa.Integer),
+    # Budgets in micro-dollars per UTC day and month; NULL: none (migration 0009).
+    sa.Column("daily_budget_micros", sa.BigInteger),
+    sa.Column("monthly_budget_micros", sa.BigInteger),
+)
+
+# A budgeted tenant's spend in its current UTC day and month, reservations of
+# unfinished jobs included (services.gateway.budgets; the `jobs_budget` trigger).
+tenant_spend = sa.Table(
+    "tenant_spend",
+    metadata,
+    sa.Column("tenant", sa.Text, primary_key=True),
+    sa.Column("day", sa.Date, nullable=False),
+    sa.Column("day_micros", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("month", sa.Date, nullable=False),
+    sa.Column("month_micros", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 # Token buckets shared by every process (see conveyor.budget): provider rate limits
@@ -183,6 +215,30 @@ rate_buckets = sa.Table(
     sa.Column("blocked_until", sa.DateTime(timezone=True)),
     sa.Column("source", sa.Text),
     sa.Column("learned_at", sa.DateTime(timezone=True)),
+)
+
+# Tenants' webhook signing secrets (migration 0003), sealed under
+# CONVEYOR_WEBHOOK_SECRETS_KEY (conveyor.webhooks.SecretBox). The current one has no
+# expires_at; after a rotation the previous one signs too until its expires_at.
+webhook_secrets = sa.Table(
+    "webhook_secrets",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column(
+        "tenant", sa.Text, sa.ForeignKey("tenants.tenant", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("sealed", sa.LargeBinary, nullable=False),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("expires_at", sa.DateTime(timezone=True)),
+)
+sa.Index("webhook_secrets_tenant", webhook_secrets.c.tenant, webhook_secrets.c.created_at)
+sa.Index(
+    "webhook_secrets_current",
+    webhook_secrets.c.tenant,
+    unique=True,
+    postgresql_where=sa.text("expires_at IS NULL"),
 )
 
 # Webhook deliveries (migration 0002): one row per job status change to report,
@@ -244,3 +300,103 @@ webhook_attempts = sa.Table(
     sa.Column("notifier", sa.Text, nullable=False),
 )
 sa.Index("webhook_attempts_delivery", webhook_attempts.c.delivery_id, webhook_attempts.c.attempt)
+
+# ---------------------------------------------------------------- operations (migration 0007)
+
+# The retention purge walks finished jobs oldest first.
+sa.Index(
+    "jobs_finished_at", jobs.c.finished_at, postgresql_where=sa.text("finished_at IS NOT NULL")
+)
+
+# Recurring jobs: a cron expression in a time zone, or an interval from start_at, plus the
+# job template (a serialized SubmitJobRequest). next_fire_at is the first occurrence not
+# handled yet (NULL while paused).
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("tenant", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False, server_default=""),
+    sa.Column("cron", sa.Text),
+    sa.Column("time_zone", sa.Text, nullable=False, server_default="UTC"),
+    sa.Column("interval_ms", sa.BigInteger),
+    sa.Column("start_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("template", sa.LargeBinary, nullable=False),
+    sa.Column("catch_up", sa.Text, nullable=False, server_default="skip"),
+    sa.Column("max_catch_up", sa.Integer, nullable=False),
+    sa.Column("paused", sa.Boolean, nullable=False, server_default="false"),
+    sa.Column("next_fire_at", sa.DateTime(timezone=True)),
+    sa.Column("last_fire_at", sa.DateTime(timezone=True)),
+    sa.Column("last_job_id", UUID(as_uuid=True)),
+    sa.Column("created_by", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.CheckConstraint("catch_up IN ('skip','once','all')", name="schedules_catch_up_valid"),
+    sa.CheckConstraint(
+        "(cron IS NULL) <> (interval_ms IS NULL)", name="schedules_cron_or_interval"
+    ),
+)
+sa.Index("schedules_tenant_created", schedules.c.tenant, schedules.c.created_at, schedules.c.id)
+sa.Index("schedules_due", schedules.c.next_fire_at, postgresql_where=sa.text("NOT paused"))
+
+# One row per fired occurrence, inserted in the transaction that inserts its job: the
+# primary key makes each occurrence fire once, however many dispatchers run.
+schedule_fires = sa.Table(
+    "schedule_fires",
+    metadata,
+    sa.Column(
+        "schedule_id",
+        UUID(as_uuid=True),
+        sa.ForeignKey("schedules.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("fire_at", sa.DateTime(timezone=True), primary_key=True),
+    sa.Column("job_id", UUID(as_uuid=True), nullable=False),
+    # Fired by the catch-up policy (found later than the misfire grace).
+    sa.Column("late", sa.Boolean, nullable=False, server_default="false"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+sa.Index("schedule_fires_created", schedule_fires.c.created_at)
+
+# The audit of bulk actions (CancelJobs, RetryJobs, RedriveDeadJobs); each job changed
+# names the action's id in its history.
+bulk_actions = sa.Table(
+    "bulk_actions",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("tenant", sa.Text, nullable=False),
+    sa.Column("actor", sa.Text, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("filter", JSONB, nullable=False),
+    sa.Column("matched", sa.Integer, nullable=False),
+    sa.Column("changed", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+sa.Index("bulk_actions_tenant_created", bulk_actions.c.tenant, bulk_actions.c.created_at)
+
+# Paused lanes: of one tenant, or of every tenant (tenant '*'). Workers read it at start
+# and on each control message, so a restarted worker respects it.
+lane_pauses = sa.Table(
+    "lane_pauses",
+    metadata,
+    sa.Column("tenant", sa.Text, primary_key=True),
+    sa.Column("lane", sa.Text, primary_key=True),
+    sa.Column("paused_by", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("paused_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Live workers: each upserts its row on every heartbeat and deletes it at exit.
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("lanes", sa.ARRAY(sa.Text), nullable=False),
+    sa.Column("in_flight", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("concurrency", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("drain_requested_at", sa.DateTime(timezone=True)),
+)

@@ -8,7 +8,7 @@ the database directly.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conveyor.db.jobs import Stats
-from conveyor.db.schema import api_keys, tenants
+from conveyor.db.schema import api_keys, tenants, webhook_secrets
 
 Row = Mapping[str, Any]
 
@@ -32,19 +32,43 @@ class KeyOwner:
     role: str
 
 
+STAMP_EVERY = "1 minute"
+"""A key's last_used_at is stamped at most this often (a write per call would not do)."""
+
+
 async def resolve_key(engine: AsyncEngine, key_hash: str) -> KeyOwner | None:
-    """The owner of an unrevoked key with this hash (stamping its last use), or None."""
+    """The owner of an unrevoked key with this hash, or None.
+
+    An unknown key is a read only, so a flood of them writes nothing; a valid key's
+    `last_used_at` is stamped when it is more than STAMP_EVERY old.
+    """
     async with engine.connect() as conn:
         row = (
             await conn.execute(
-                sa.update(api_keys)
-                .where(api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None))
-                .values(last_used_at=sa.func.now())
-                .returning(api_keys.c.id, api_keys.c.tenant, api_keys.c.name, api_keys.c.role)
+                sa.select(
+                    api_keys.c.id,
+                    api_keys.c.tenant,
+                    api_keys.c.name,
+                    api_keys.c.role,
+                    api_keys.c.last_used_at,
+                    (
+                        api_keys.c.last_used_at.is_(None)
+                        | (
+                            api_keys.c.last_used_at
+                            < sa.func.now() - sa.text(f"interval '{STAMP_EVERY}'")
+                        )
+                    ).label("stale"),
+                ).where(api_keys.c.key_hash == key_hash, api_keys.c.revoked_at.is_(None))
             )
         ).first()
-    if row is None:
-        return None
+        if row is None:
+            return None
+        if row.stale:
+            await conn.execute(
+                sa.update(api_keys)
+                .where(api_keys.c.id == row.id)
+                .values(last_used_at=sa.func.now())
+            )
     return KeyOwner(key_id=row.id, tenant=row.tenant, name=row.name, role=row.role)
 
 
@@ -86,8 +110,14 @@ async def set_tenant_limits(
     *,
     submit_per_minute: int | None = UNCHANGED,
     max_running: int | None = UNCHANGED,
+    daily_budget_micros: int | None = UNCHANGED,
+    monthly_budget_micros: int | None = UNCHANGED,
 ) -> Row:
     """Set a tenant's limits (None removes one), registering the tenant if needed.
+
+    Setting a budget recounts the ledger of the current UTC day and month
+    (`tenant_spend`) from the jobs submitted in them: the cost of finished ones and
+    the reservation of the others (services.gateway.budgets).
 
     Setting a concurrency limit recounts the tenant's running jobs under the
     tenant row's lock: a transition that commits meanwhile waits for the lock
@@ -111,16 +141,43 @@ async def set_tenant_limits(
                 )
             ).scalar_one()
             values["running"] = int(running)
+        budgets = {"daily_budget_micros": daily_budget_micros}
+        budgets["monthly_budget_micros"] = monthly_budget_micros
+        budgets = {k: v for k, v in budgets.items() if v is not UNCHANGED}
+        values.update(budgets)
         if values:
             await conn.execute(
                 sa.update(tenants).where(tenants.c.tenant == tenant).values(**values)
             )
+        if budgets:
+            await conn.execute(sa.text(_RECOUNT_SPEND), {"t": tenant})
         row = (
             (await conn.execute(sa.select(tenants).where(tenants.c.tenant == tenant)))
             .mappings()
             .one()
         )
         return dict(row)
+
+
+_RECOUNT_SPEND = """
+WITH period AS (
+  SELECT (now() AT TIME ZONE 'UTC')::date AS day,
+         date_trunc('month', now() AT TIME ZONE 'UTC')::date AS month
+), spent AS (
+  SELECT coalesce(sum(coalesce(j.budget_micros, j.cost_micros, 0))
+                  FILTER (WHERE (j.created_at AT TIME ZONE 'UTC')::date = period.day), 0) AS day,
+         coalesce(sum(coalesce(j.budget_micros, j.cost_micros, 0)), 0) AS month
+    FROM period LEFT JOIN jobs j
+      ON j.tenant = :t AND j.created_at >= period.month AT TIME ZONE 'UTC'
+)
+INSERT INTO tenant_spend (tenant, day, day_micros, month, month_micros)
+SELECT :t, period.day, spent.day, period.month, spent.month FROM period, spent
+ON CONFLICT (tenant) DO UPDATE
+   SET day = EXCLUDED.day, day_micros = EXCLUDED.day_micros,
+       month = EXCLUDED.month, month_micros = EXCLUDED.month_micros
+"""
+"""A tenant's spend in the current UTC day and month, from its jobs: what the ledger
+counts for a budgeted job, else the job's cost."""
 
 
 async def create_key(
@@ -198,6 +255,83 @@ async def revoke_named(conn: AsyncConnection, tenant: str, name: str) -> Sequenc
         .returning(api_keys.c.id)
     )
     return list(result.scalars())
+
+
+async def rotate_webhook_secret(
+    engine: AsyncEngine,
+    tenant: str,
+    seal: Callable[[uuid.UUID], bytes],
+    overlap_s: float,
+) -> tuple[Row, int]:
+    """Make `seal(id)` (the new secret, sealed for its id) the tenant's current webhook
+    secret; the previous one keeps signing for `overlap_s` more seconds (0: stops now).
+    Secrets already expired are deleted. Returns the new row (without the secret) and
+    how many older secrets still sign."""
+    async with engine.execution_options(isolation_level="READ COMMITTED").begin() as conn:
+        await ensure_tenant(conn, tenant)
+        # Serialises rotations of one tenant (the unique index allows one current secret).
+        await conn.execute(
+            sa.select(tenants.c.tenant).where(tenants.c.tenant == tenant).with_for_update()
+        )
+        ws = webhook_secrets
+        # Every older secret signs until the end of the overlap at most (0: none does).
+        until = sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, float(overlap_s))
+        await conn.execute(
+            sa.update(ws)
+            .where(
+                ws.c.tenant == tenant, sa.or_(ws.c.expires_at.is_(None), ws.c.expires_at > until)
+            )
+            .values(expires_at=until)
+        )
+        await conn.execute(
+            sa.delete(ws).where(ws.c.tenant == tenant, ws.c.expires_at <= sa.func.now())
+        )
+        secret_id = uuid.uuid4()
+        row = (
+            (
+                await conn.execute(
+                    sa.insert(ws)
+                    .values(id=secret_id, tenant=tenant, sealed=seal(secret_id))
+                    .returning(ws.c.id, ws.c.tenant, ws.c.created_at, ws.c.expires_at)
+                )
+            )
+            .mappings()
+            .one()
+        )
+        older = (
+            await conn.execute(
+                sa.select(sa.func.count()).where(ws.c.tenant == tenant, ws.c.id != secret_id)
+            )
+        ).scalar_one()
+        return dict(row), int(older)
+
+
+async def list_webhook_secrets(conn: AsyncConnection, tenant: str | None = None) -> list[Row]:
+    """Webhook secrets still signing (never the secrets themselves), by tenant, newest first."""
+    ws = webhook_secrets
+    stmt = (
+        sa.select(ws.c.id, ws.c.tenant, ws.c.created_at, ws.c.expires_at)
+        .where(sa.or_(ws.c.expires_at.is_(None), ws.c.expires_at > sa.func.now()))
+        .order_by(ws.c.tenant, ws.c.created_at.desc())
+    )
+    if tenant is not None:
+        stmt = stmt.where(ws.c.tenant == tenant)
+    return [dict(r) for r in (await conn.execute(stmt)).mappings()]
+
+
+async def signing_secrets(conn: AsyncConnection, tenant: str) -> list[Row]:
+    """The sealed secrets that sign a tenant's webhooks now (id, sealed), newest first:
+    the current one and those of a rotation whose overlap has not ended."""
+    ws = webhook_secrets
+    stmt = (
+        sa.select(ws.c.id, ws.c.sealed)
+        .where(
+            ws.c.tenant == tenant,
+            sa.or_(ws.c.expires_at.is_(None), ws.c.expires_at > sa.func.now()),
+        )
+        .order_by(ws.c.created_at.desc())
+    )
+    return [dict(r) for r in (await conn.execute(stmt)).mappings()]
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,18 @@ def build_parser(defaults: SimulatorConfig) -> argparse.ArgumentParser:
         "--backlog", type=int, default=defaults.backlog, help="listen backlog (SIM_BACKLOG)"
     )
     p.add_argument(
+        "--batch-processing-s",
+        type=float,
+        default=defaults.batch_processing_s,
+        help="time a message batch takes to end (SIM_BATCH_PROCESSING_S)",
+    )
+    p.add_argument(
+        "--batch-expire-s",
+        type=float,
+        default=defaults.batch_expire_s,
+        help="a batch processing longer ends with every request expired (SIM_BATCH_EXPIRE_S)",
+    )
+    p.add_argument(
         "--access-log",
         action=argparse.BooleanOptionalAction,
         default=defaults.access_log,
@@ -134,6 +146,8 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[SimulatorConfig, ar
         seed=args.seed,
         access_log=args.access_log,
         backlog=args.backlog,
+        batch_processing_s=args.batch_processing_s,
+        batch_expire_s=args.batch_expire_s,
     )
     return config, args
 

@@ -12,6 +12,9 @@ forced per request by `x-sim-*` headers:
 - `x-sim-tokens`: number of tokens to generate (still capped by `max_tokens`);
 - `x-sim-tokens-per-second`: pace of the tokens (0 is as fast as possible);
 - `x-sim-timestamps: 1`: an SSE comment `: t=<time.time_ns()>` before each delta;
+- `x-sim-record: <key>`: keep the request body's bytes as received, for
+  `GET /received/<key>` (tests compare it with what was submitted; the last
+  RECORDED_BODIES keys and RECORDED_BYTES bytes are kept, the oldest forgotten);
 - `x-sim-emit-log: <key>`: note the time (`time.time_ns()`) each delta is written,
   served by `GET /emissions/<key>` (the benchmark compares it with when a watcher
   received the token; the last 10,000 keys are kept);
@@ -26,6 +29,14 @@ request over a limit answered 429 `rate_limit_error` with `retry-after`, and eve
 answer carrying the `anthropic-ratelimit-<requests|input-tokens|output-tokens>-
 <limit|remaining|reset>` headers of its model's buckets.
 
+Beyond text it behaves like the API for tools (tool_use blocks whose input fits the
+tool's schema, per `tool_choice`), structured output (`output_config.format`),
+extended thinking, prompt caching, images and documents, and refuses what the API
+refuses with a 400 `invalid_request_error`. The parts live in their own modules:
+`requests` (checks), `content` (the answer's blocks), `schema_values` (values of a
+JSON schema), `tokens` (input tokens), `caching` (the prompt cache), `sse` (stream
+frames), `overrides` (`x-sim-*` headers), `settings` and `ratelimits`.
+
 Besides: `GET /healthz`, `GET /stats` (counters), `POST /control` (change the
 configuration at run time) and `POST /v1/messages/count_tokens`.
 """
@@ -36,25 +47,38 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import hashlib
 import itertools
-import json
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from aiohttp import web
 
-try:
-    import orjson
-except ImportError:  # pragma: no cover - orjson is a dependency, this is a fallback
-    orjson = None  # type: ignore[assignment]
+from conveyor.simulator.batches import BatchStore
+from conveyor.simulator.batches import add_routes as add_batch_routes
+from conveyor.simulator.caching import PromptCache
+from conveyor.simulator.content import Answer, Generation, plan_answer, plan_generation
+from conveyor.simulator.jsonio import JSONDecodeError, dumps, loads
+from conveyor.simulator.overrides import Overrides, parse_overrides
+from conveyor.simulator.ratelimits import RateLimits
+from conveyor.simulator.requests import InvalidRequest, validate_body, validate_count_tokens
+from conveyor.simulator.responses import default_ratelimit_headers, error_response
+from conveyor.simulator.settings import (
+    FAIL_KINDS,
+    HTTP_FAIL_KINDS,
+    MAX_EMISSION_LOGS,
+    STREAM_FAIL_KINDS,
+    SimulatorConfig,
+    SimulatorStats,
+)
+from conveyor.simulator.sse import ERROR_EVENT_FRAME, StreamFrames, stream_frames
+from conveyor.simulator.tokens import count_input_tokens, estimate_input_tokens, segments
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +89,13 @@ __all__ = [
     "STREAM_FAIL_KINDS",
     "Generation",
     "InvalidRequest",
+    "RateLimits",
     "RunningSimulator",
     "Simulator",
     "SimulatorConfig",
     "SimulatorStats",
     "build_app",
+    "count_input_tokens",
     "estimate_input_tokens",
     "plan_generation",
     "run_simulator",
@@ -78,581 +104,13 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------- JSON
-
-
-def _dumps_std(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _dumps_sorted_std(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode()
-
-
-if orjson is not None:
-    _dumps: Callable[[Any], bytes] = orjson.dumps
-    _loads: Callable[[bytes], Any] = orjson.loads
-    _JSONDecodeError: type[ValueError] = orjson.JSONDecodeError
-
-    def _dumps_sorted(obj: Any) -> bytes:
-        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
-
-else:  # pragma: no cover
-    _dumps = _dumps_std
-    _loads = json.loads
-    _JSONDecodeError = json.JSONDecodeError
-    _dumps_sorted = _dumps_sorted_std
-
-
-# ------------------------------------------------------------------ configuration
-
-MAX_EMISSION_LOGS: Final = 10_000
-"""`x-sim-emit-log` keys remembered (the oldest are forgotten)."""
-
-HTTP_FAIL_KINDS: Final[tuple[str, ...]] = ("429", "529", "500", "400", "401")
-"""Failures answered with an HTTP error status instead of a message."""
-
-STREAM_FAIL_KINDS: Final[tuple[str, ...]] = ("drop", "error-event")
-"""Failures that happen half way through the answer."""
-
-FAIL_KINDS: Final[tuple[str, ...]] = HTTP_FAIL_KINDS + STREAM_FAIL_KINDS
-"""Every value `x-sim-fail` accepts."""
-
-_MUTABLE_FIELDS: Final[frozenset[str]] = frozenset(
-    {
-        "latency_ms",
-        "tokens_per_second",
-        "output_tokens",
-        "rate_429",
-        "rate_529",
-        "rate_500",
-        "rate_drop",
-        "rate_error_event",
-        "retry_after_s",
-        "seed",
-        "limit_requests_per_minute",
-        "limit_input_tokens_per_minute",
-        "limit_output_tokens_per_minute",
-        "limit_burst_s",
-    }
-)
-"""Fields `POST /control` may change; host, port and the rest need a restart."""
-
-_LIMIT_FIELDS: Final[dict[str, str]] = {
-    "requests": "limit_requests_per_minute",
-    "input-tokens": "limit_input_tokens_per_minute",
-    "output-tokens": "limit_output_tokens_per_minute",
-}
-"""The enforced limits, by the name their headers use."""
-
-
-@dataclass
-class SimulatorConfig:
-    """How the simulator behaves. Every field is also a `SIM_<FIELD>` variable and a flag."""
-
-    host: str = "127.0.0.1"
-    port: int = 8765
-    """0 picks a free port (see `RunningSimulator.port`)."""
-    latency_ms: float = 0.0
-    """Time to the first token."""
-    tokens_per_second: float = 0.0
-    """Pace of the tokens after the first; 0 sends them as fast as possible."""
-    output_tokens: int = 24
-    """Tokens generated per answer (each is one word and a space), capped by max_tokens."""
-    rate_429: float = 0.0
-    """Probability (0..1) that a request is answered 429 rate_limit_error."""
-    rate_529: float = 0.0
-    """Probability that a request is answered 529 overloaded_error."""
-    rate_500: float = 0.0
-    """Probability that a request is answered 500 api_error."""
-    rate_drop: float = 0.0
-    """Probability that the connection is closed half way through the answer."""
-    rate_error_event: float = 0.0
-    """Probability that a stream ends half way with an SSE `error` event (overloaded)."""
-    retry_after_s: float = 1.0
-    """Value of the `retry-after` header of 429 and 529 answers."""
-    seed: int | None = None
-    """Seed of the failure-injection RNG; None seeds from the OS."""
-    limit_requests_per_minute: float = 0.0
-    """Enforced requests per minute (0: no limit)."""
-    limit_input_tokens_per_minute: float = 0.0
-    """Enforced input tokens per minute (0: no limit)."""
-    limit_output_tokens_per_minute: float = 0.0
-    """Enforced output tokens per minute, max_tokens reserved at the start (0: no limit)."""
-    limit_burst_s: float = 60.0
-    """Capacity of each enforced bucket, in seconds of its rate (60: a whole minute)."""
-    access_log: bool = False
-    """Log every request (aiohttp's access log); off for speed."""
-    backlog: int = 4096
-    """Listen backlog, big enough for a thousand clients connecting at once."""
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError when a field is out of range."""
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if not (math.isfinite(self.limit_burst_s) and self.limit_burst_s > 0):
-            raise ValueError(f"limit_burst_s must be a number > 0, got {self.limit_burst_s!r}")
-        for name in ("latency_ms", "tokens_per_second", "retry_after_s", *_LIMIT_FIELDS.values()):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if self.output_tokens < 0:
-            raise ValueError(f"output_tokens must be >= 0, got {self.output_tokens}")
-        if self.backlog < 1:
-            raise ValueError(f"backlog must be >= 1, got {self.backlog}")
-        for name in ("rate_429", "rate_529", "rate_500", "rate_drop", "rate_error_event"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
-                raise ValueError(f"{name} must be a probability in 0..1, got {value!r}")
-        if self.total_failure_rate > 1.0 + 1e-9:
-            raise ValueError(
-                f"the failure rates add up to {self.total_failure_rate:g}, more than 1"
-            )
-
-    @property
-    def total_failure_rate(self) -> float:
-        """The probability that a request gets some injected failure."""
-        return (
-            self.rate_429 + self.rate_529 + self.rate_500 + self.rate_drop + self.rate_error_event
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> SimulatorConfig:
-        """A config from the `SIM_*` variables (`SIM_PORT`, `SIM_RATE_429`, ...)."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get(f"SIM_{f.name.upper()}")
-            if raw is None or raw.strip() == "":
-                continue
-            try:
-                values[f.name] = _parse_field(f.name, raw.strip())
-            except ValueError as exc:
-                raise ValueError(f"SIM_{f.name.upper()}={raw!r}: {exc}") from None
-        return cls(**values)
-
-    def updated(self, changes: Mapping[str, Any]) -> SimulatorConfig:
-        """A copy with `changes` (from `POST /control`) applied; ValueError if invalid."""
-        unknown = set(changes) - _MUTABLE_FIELDS
-        if unknown:
-            raise ValueError(
-                f"cannot change {', '.join(sorted(unknown))} at run time; "
-                f"changeable: {', '.join(sorted(_MUTABLE_FIELDS))}"
-            )
-        checked: dict[str, Any] = {}
-        for name, value in changes.items():
-            checked[name] = _coerce_field(name, value)
-        return dataclasses.replace(self, **checked)
-
-
-_INT_FIELDS: Final[frozenset[str]] = frozenset({"port", "output_tokens", "backlog"})
-_BOOL_FIELDS: Final[frozenset[str]] = frozenset({"access_log"})
-
-
-def _parse_field(name: str, raw: str) -> Any:
-    """Parse one field from its text form (environment variable)."""
-    if name == "host":
-        return raw
-    if name in _BOOL_FIELDS:
-        lowered = raw.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError("expected a boolean (1/0, true/false)")
-    if name == "seed":
-        return None if raw.lower() in ("none", "null") else int(raw)
-    if name in _INT_FIELDS:
-        return int(raw)
-    return float(raw)
-
-
-def _coerce_field(name: str, value: Any) -> Any:
-    """Check the type of one field from JSON (`POST /control`)."""
-    if name == "seed":
-        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-            return value
-        raise ValueError("seed must be an integer or null")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if name in _INT_FIELDS:
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        return int(value)
-    return float(value)
-
-
-# ---------------------------------------------------------------------- counters
-
-
-@dataclass
-class SimulatorStats:
-    """Counters served by `GET /stats`."""
-
-    requests: int = 0
-    """`POST /v1/messages` requests, whatever their outcome."""
-    streams: int = 0
-    """Requests with `"stream": true` that were answered with an event stream."""
-    messages: int = 0
-    """Requests answered with a whole message (not streamed)."""
-    completed: int = 0
-    """Answers (streamed or not) sent to the end without failure."""
-    invalid_requests: int = 0
-    """Requests rejected because their body was invalid (not injected failures)."""
-    client_disconnects: int = 0
-    """Streams the client closed before the end."""
-    active_streams: int = 0
-    rate_limited: int = 0
-    """Requests answered 429 because an enforced limit was exceeded (not injected)."""
-    tokens_emitted: int = 0
-    """Output tokens sent: text deltas of streams plus output tokens of whole messages."""
-    failures_injected_by_kind: dict[str, int] = field(default_factory=dict)
-
-    def count_failure(self, kind: str) -> None:
-        self.failures_injected_by_kind[kind] = self.failures_injected_by_kind.get(kind, 0) + 1
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["failures_injected_by_kind"] = dict(self.failures_injected_by_kind)
-        return out
-
-
-# -------------------------------------------------------------------- generation
-
-_WORDS: Final[str] = (
-    "the a an of to in for on with by from at as into over under about after "
-    "before between through during without within along across behind beyond "
-    "queue job worker token stream model prompt answer request message lane "
-    "broker retry lease signal event batch cache shard packet vector kernel "
-    "river stone cloud forest garden harbor lantern meadow mountain ocean "
-    "orchard planet valley window winter summer autumn spring morning evening "
-    "quick quiet bright gentle steady clever simple careful patient curious runs "
-    "builds carries finds keeps moves opens reads sends turns writes waits"
-)
-_VOCABULARY: Final[tuple[str, ...]] = tuple(_WORDS.split())
-"""Words the generated text is made of; each token is one of them and a space."""
-
-_DELTA_PREFIX: Final[bytes] = (
-    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
-    b'"delta":{"type":"text_delta","text":'
-)
-_DELTA_SUFFIX: Final[bytes] = b"}}\n\n"
-
-
-def _delta_frame(text: str) -> bytes:
-    return _DELTA_PREFIX + _dumps(text) + _DELTA_SUFFIX
-
-
-_WORD_FRAMES: Final[dict[str, bytes]] = {w + " ": _delta_frame(w + " ") for w in _VOCABULARY}
-"""The `content_block_delta` frame of every whole token, built once."""
-
-_PING_FRAME: Final[bytes] = b'event: ping\ndata: {"type":"ping"}\n\n'
-_BLOCK_START_FRAME: Final[bytes] = (
-    b"event: content_block_start\n"
-    b'data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n'
-)
-_BLOCK_STOP_FRAME: Final[bytes] = (
-    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
-)
-_MESSAGE_STOP_FRAME: Final[bytes] = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
-_ERROR_EVENT_FRAME: Final[bytes] = (
-    b"event: error\n"
-    b'data: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
-)
-
-
-def _frame(event: str, data: Mapping[str, Any]) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + _dumps(data) + b"\n\n"
-
-
-@dataclass(frozen=True, slots=True)
-class Generation:
-    """The planned answer to one request."""
-
-    deltas: tuple[str, ...]
-    """The text deltas, in order; their concatenation is the text."""
-    output_tokens: int
-    stop_reason: str
-    stop_sequence: str | None
-
-    @property
-    def text(self) -> str:
-        return "".join(self.deltas)
-
-
-def plan_generation(
-    messages: Any, max_tokens: int, wanted_tokens: int, stop_sequences: list[str] | None
-) -> Generation:
-    """Deterministic text for `messages`: `wanted_tokens` words, cut by max_tokens or a stop sequence."""
-    digest = hashlib.blake2b(_dumps_sorted(messages), digest_size=8).digest()
-    rng = random.Random(int.from_bytes(digest, "big"))
-    count = min(wanted_tokens, max_tokens)
-    tokens = [w + " " for w in rng.choices(_VOCABULARY, k=count)]
-    stop_reason = "max_tokens" if wanted_tokens > max_tokens else "end_turn"
-    if stop_sequences:
-        text = "".join(tokens)
-        best: tuple[int, str] | None = None
-        for seq in stop_sequences:
-            if not seq:
-                continue
-            at = text.find(seq)
-            if at >= 0 and (best is None or at < best[0]):
-                best = (at, seq)
-        if best is not None:
-            at, seq = best
-            end = at + len(seq)
-            deltas: list[str] = []
-            offset = 0
-            output_tokens = 0
-            for tok in tokens:
-                if offset >= end:
-                    break
-                output_tokens += 1
-                if offset < at:
-                    deltas.append(tok[: at - offset])
-                offset += len(tok)
-            return Generation(tuple(deltas), output_tokens, "stop_sequence", seq)
-    return Generation(tuple(tokens), count, stop_reason, None)
-
-
-def _content_chars(content: Any) -> int:
-    """Characters of text in a message's (or system prompt's) content."""
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        total = 0
-        for block in content:
-            if isinstance(block, dict):
-                text = block.get("text")
-                if isinstance(text, str):
-                    total += len(text)
-                elif "content" in block:  # tool_result
-                    total += _content_chars(block["content"])
-                elif block.get("type") == "tool_use":
-                    total += len(_dumps(block.get("input", {})))
-                else:  # images, documents: a rough fixed cost
-                    total += 1000
-            elif isinstance(block, str):
-                total += len(block)
-        return total
-    return 0
-
-
-def estimate_input_tokens(system: Any, messages: list[Any]) -> int:
-    """ceil(characters of system and message text / 4), at least 1."""
-    chars = _content_chars(system)
-    for msg in messages:
-        if isinstance(msg, dict):
-            chars += _content_chars(msg.get("content"))
-    return max(1, math.ceil(chars / 4))
-
-
-# -------------------------------------------------------------------- validation
-
-
-class InvalidRequest(ValueError):
-    """The request body is not a valid Messages API request (400 invalid_request_error)."""
-
-
-_METADATA_KEYS: Final[frozenset[str]] = frozenset({"user_id"})
-_ROLES: Final[frozenset[str]] = frozenset({"user", "assistant"})
-
-
-def validate_body(body: Any) -> None:
-    """Check a Messages API body about as strictly as the real API; raise InvalidRequest."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    for name in ("model", "max_tokens", "messages"):
-        if name not in body:
-            raise InvalidRequest(f"{name}: Field required")
-    model = body["model"]
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("model: Input should be a valid string")
-    max_tokens = body["max_tokens"]
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise InvalidRequest("max_tokens: Input should be a valid integer")
-    if max_tokens < 1:
-        raise InvalidRequest("max_tokens: Input should be greater than or equal to 1")
-    _validate_messages(body["messages"])
-    system = body.get("system")
-    if system is not None and not isinstance(system, str | list):
-        raise InvalidRequest("system: Input should be a valid string or a list of text blocks")
-    temperature = body.get("temperature")
-    if temperature is not None and (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, int | float)
-        or not 0 <= temperature <= 1
-    ):
-        raise InvalidRequest("temperature: Input should be a number between 0 and 1")
-    stops = body.get("stop_sequences")
-    if stops is not None and (
-        not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)
-    ):
-        raise InvalidRequest("stop_sequences: Input should be a valid list of strings")
-    metadata = body.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise InvalidRequest("metadata: Input should be a valid dictionary")
-        for key in metadata:
-            if key not in _METADATA_KEYS:
-                raise InvalidRequest(f"metadata.{key}: Extra inputs are not permitted")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise InvalidRequest("stream: Input should be a valid boolean")
-
-
-def _validate_messages(messages: Any) -> None:
-    if not isinstance(messages, list):
-        raise InvalidRequest("messages: Input should be a valid list")
-    if not messages:
-        raise InvalidRequest("messages: at least one message is required")
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise InvalidRequest(f"messages.{i}: Input should be a valid dictionary")
-        if msg.get("role") not in _ROLES:
-            raise InvalidRequest(f"messages.{i}.role: Input should be 'user' or 'assistant'")
-        if "content" not in msg:
-            raise InvalidRequest(f"messages.{i}.content: Field required")
-        content = msg["content"]
-        if not isinstance(content, str | list):
-            raise InvalidRequest(f"messages.{i}.content: Input should be a valid string or list")
-
-
 # ----------------------------------------------------------------- the simulator
 
-_ERRORS: Final[dict[str, tuple[int, str, str]]] = {
-    "400": (400, "invalid_request_error", "Simulated invalid request (x-sim-fail: 400)"),
-    "401": (401, "authentication_error", "invalid x-api-key"),
-    "404": (404, "not_found_error", "Not found"),
-    "429": (
-        429,
-        "rate_limit_error",
-        "This request would exceed the rate limit for your organization (simulated).",
-    ),
-    "500": (500, "api_error", "Internal server error"),
-    "529": (529, "overloaded_error", "Overloaded"),
-}
-"""Status, error type and message of each error answer."""
 
-
-@dataclass(slots=True)
-class _Overrides:
-    """Per-request behaviour from the `x-sim-*` headers."""
-
-    fail: str | None
-    latency_s: float
-    tokens: int
-    seconds_per_token: float
-    timestamps: bool
-    emit_log: str | None = None
-
-
-@dataclass
-class _Bucket:
-    limit_per_min: float
-    capacity: float
-    level: float
-    updated: float
-
-    @property
-    def refill_per_s(self) -> float:
-        return self.limit_per_min / 60.0
-
-    def refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.refill_per_s)
-        self.updated = now
-
-
-class RateLimits:
-    """The rate limits the simulator enforces: a token bucket per limited dimension and
-    model, as the provider keeps them per model."""
-
-    def __init__(self) -> None:
-        self.limits: dict[str, tuple[float, float]] = {}
-        """Per header name: (limit per minute, capacity)."""
-        self.models: dict[str, dict[str, _Bucket]] = {}
-
-    @property
-    def enforcing(self) -> bool:
-        return bool(self.limits)
-
-    def configure(self, config: SimulatorConfig) -> None:
-        """Follow the config; a bucket keeps its level (within its new capacity)."""
-        self.limits = {}
-        for name, field_name in _LIMIT_FIELDS.items():
-            limit = float(getattr(config, field_name))
-            if limit > 0:
-                self.limits[name] = (limit, max(1.0, limit * config.limit_burst_s / 60.0))
-        now = time.monotonic()
-        for buckets in self.models.values():
-            for name in list(buckets):
-                if name not in self.limits:
-                    del buckets[name]
-            for name, (limit, capacity) in self.limits.items():
-                bucket = buckets.get(name)
-                if bucket is None:
-                    buckets[name] = _Bucket(limit, capacity, capacity, now)
-                else:
-                    bucket.refill(now)
-                    bucket.limit_per_min, bucket.capacity = limit, capacity
-                    bucket.level = min(bucket.level, capacity)
-
-    def _buckets(self, model: str) -> dict[str, _Bucket]:
-        buckets = self.models.get(model)
-        if buckets is None:
-            now = time.monotonic()
-            buckets = self.models[model] = {
-                name: _Bucket(limit, capacity, capacity, now)
-                for name, (limit, capacity) in self.limits.items()
-            }
-        return buckets
-
-    def admit(self, model: str, needs: Mapping[str, float]) -> float:
-        """Take `needs` (by header name) if every bucket has it; else the seconds to wait.
-
-        A need above a bucket's capacity passes when the bucket is full (it goes into
-        debt), as with the real API.
-        """
-        buckets = self._buckets(model)
-        now = time.monotonic()
-        wait = 0.0
-        for name, bucket in buckets.items():
-            bucket.refill(now)
-            need = min(needs.get(name, 0.0), bucket.capacity)
-            if bucket.level < need:
-                wait = max(wait, (need - bucket.level) / bucket.refill_per_s)
-        if wait > 0:
-            return wait
-        for name, bucket in buckets.items():
-            bucket.level -= needs.get(name, 0.0)
-        return 0.0
-
-    def give_back(self, model: str, name: str, amount: float) -> None:
-        bucket = self.models.get(model, {}).get(name)
-        if bucket is not None and amount > 0:
-            bucket.refill(time.monotonic())
-            bucket.level = min(bucket.capacity, bucket.level + amount)
-
-    def headers(self, model: str) -> dict[str, str]:
-        """The `anthropic-ratelimit-*` headers of the model's enforced buckets."""
-        now = time.monotonic()
-        wall = datetime.now(UTC)
-        out: dict[str, str] = {}
-        for name, bucket in self._buckets(model).items():
-            bucket.refill(now)
-            full_in = max(0.0, (bucket.capacity - bucket.level) / bucket.refill_per_s)
-            reset = (wall + timedelta(seconds=full_in)).strftime("%Y-%m-%dT%H:%M:%SZ")
-            out[f"anthropic-ratelimit-{name}-limit"] = f"{bucket.limit_per_min:.0f}"
-            out[f"anthropic-ratelimit-{name}-remaining"] = f"{max(0, math.floor(bucket.level))}"
-            out[f"anthropic-ratelimit-{name}-reset"] = reset
-        return out
+RECORDED_BODIES = 512
+"""`x-sim-record` keys remembered."""
+RECORDED_BYTES = 64 * 1024 * 1024
+"""Bytes of recorded bodies remembered."""
 
 
 class Simulator:
@@ -670,6 +128,19 @@ class Simulator:
         self.limits.configure(self._config)
         self.emissions: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         """Per `x-sim-emit-log` key: when each delta was written (ns since the epoch)."""
+        self.cache = PromptCache()
+        """The prompt cache (see `conveyor.simulator.caching`)."""
+        self.received: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        """Per `x-sim-record` key: the last request body received with it."""
+
+    def record(self, key: str, raw: bytes) -> None:
+        """Keep a received body under `key`, within RECORDED_BODIES and RECORDED_BYTES."""
+        self.received.pop(key, None)
+        self.received[key] = raw
+        total = sum(len(b) for b in self.received.values())
+        while len(self.received) > RECORDED_BODIES or total > RECORDED_BYTES:
+            _, gone = self.received.popitem(last=False)
+            total -= len(gone)
 
     @property
     def config(self) -> SimulatorConfig:
@@ -700,20 +171,7 @@ class Simulator:
                 "%Y-%m-%dT%H:%M:%SZ"
             )
             self._ratelimit_second = now
-            self._ratelimit_headers = {
-                "anthropic-ratelimit-requests-limit": "100000",
-                "anthropic-ratelimit-requests-remaining": "99999",
-                "anthropic-ratelimit-requests-reset": reset,
-                "anthropic-ratelimit-tokens-limit": "100000000",
-                "anthropic-ratelimit-tokens-remaining": "99999000",
-                "anthropic-ratelimit-tokens-reset": reset,
-                "anthropic-ratelimit-input-tokens-limit": "80000000",
-                "anthropic-ratelimit-input-tokens-remaining": "79999000",
-                "anthropic-ratelimit-input-tokens-reset": reset,
-                "anthropic-ratelimit-output-tokens-limit": "20000000",
-                "anthropic-ratelimit-output-tokens-remaining": "19999000",
-                "anthropic-ratelimit-output-tokens-reset": reset,
-            }
+            self._ratelimit_headers = default_ratelimit_headers(reset)
         headers = dict(self._ratelimit_headers)
         if self.limits.enforcing and model is not None:
             headers.update(self.limits.headers(model))
@@ -723,23 +181,8 @@ class Simulator:
     def error_response(
         self, kind: str, request_id: str, message: str | None = None
     ) -> web.Response:
-        """An error answer with the real JSON shape (`kind` is a key of `_ERRORS`)."""
-        status, error_type, default_message = _ERRORS[kind]
-        body = {
-            "type": "error",
-            "error": {"type": error_type, "message": message or default_message},
-            "request_id": request_id,
-        }
-        headers = {"request-id": request_id, "x-should-retry": "true"}
-        if status in (429, 529):
-            headers["retry-after"] = f"{self._config.retry_after_s:g}"
-        if status == 429:
-            headers["anthropic-ratelimit-requests-remaining"] = "0"
-        if status < 500 and status != 429:
-            headers["x-should-retry"] = "false"
-        return web.Response(
-            status=status, body=_dumps(body), content_type="application/json", headers=headers
-        )
+        """An error answer with the real JSON shape (`kind` is a key of `ERRORS`)."""
+        return error_response(kind, request_id, self._config.retry_after_s, message)
 
     def rate_limited_response(self, request_id: str, model: str, wait_s: float) -> web.Response:
         """429 for a request over an enforced limit, with the buckets' headers and a
@@ -748,37 +191,6 @@ class Simulator:
         response.headers.update(self.limits.headers(model))
         response.headers["retry-after"] = str(max(1, math.ceil(wait_s)))
         return response
-
-    def _overrides(self, request: web.Request, config: SimulatorConfig) -> _Overrides:
-        headers = request.headers
-        fail = headers.get("x-sim-fail")
-        if fail is not None:
-            fail = fail.strip().lower()
-            if fail not in FAIL_KINDS:
-                raise InvalidRequest(
-                    f"x-sim-fail: expected one of {', '.join(FAIL_KINDS)}, got {fail!r}"
-                )
-            only_on = headers.get("x-sim-fail-attempts")
-            if only_on is not None:
-                attempts = {a.strip() for a in only_on.split(",")}
-                if headers.get("x-sim-attempt", "").strip() not in attempts:
-                    fail = None
-        latency_ms = _header_number(headers.get("x-sim-latency-ms"), "x-sim-latency-ms")
-        tokens = _header_number(headers.get("x-sim-tokens"), "x-sim-tokens")
-        tps = _header_number(headers.get("x-sim-tokens-per-second"), "x-sim-tokens-per-second")
-        if tokens is not None and not tokens.is_integer():
-            raise InvalidRequest(f"x-sim-tokens: expected an integer, got {tokens!r}")
-        if fail is None and config.total_failure_rate > 0:
-            fail = self._draw_failure(config)
-        tps = config.tokens_per_second if tps is None else tps
-        return _Overrides(
-            fail=fail,
-            latency_s=(config.latency_ms if latency_ms is None else latency_ms) / 1000.0,
-            tokens=config.output_tokens if tokens is None else int(tokens),
-            seconds_per_token=1.0 / tps if tps > 0 else 0.0,
-            timestamps=headers.get("x-sim-timestamps", "").strip().lower() in ("1", "true"),
-            emit_log=(headers.get("x-sim-emit-log") or "").strip()[:128] or None,
-        )
 
     def _draw_failure(self, config: SimulatorConfig) -> str | None:
         r = self._rng.random()
@@ -803,62 +215,83 @@ class Simulator:
         config = self._config
         request_id = "req_sim_" + self._next_id()
         try:
-            overrides = self._overrides(request, config)
+            overrides = parse_overrides(request.headers, config, self._draw_failure)
             raw = await request.read()
+            record = (request.headers.get("x-sim-record") or "").strip()[:128]
+            if record:
+                self.record(record, raw)
             try:
-                body = _loads(raw)
-            except _JSONDecodeError as exc:
+                body = loads(raw)
+            except JSONDecodeError as exc:
                 raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
             validate_body(body)
         except InvalidRequest as exc:
             stats.invalid_requests += 1
             return self.error_response("400", request_id, str(exc))
 
-        messages: list[Any] = body["messages"]
+        model: str = body["model"]
         max_tokens: int = body["max_tokens"]
-        input_tokens = estimate_input_tokens(body.get("system"), messages)
+        # Only a request with a cache breakpoint needs its prefix hashed.
+        units = segments(body) if b"cache_control" in raw else []
+        input_tokens = count_input_tokens(body)
         if self.limits.enforcing:
             wait = self.limits.admit(
-                body["model"],
-                {"requests": 1, "input-tokens": input_tokens, "output-tokens": max_tokens},
+                model, {"requests": 1, "input-tokens": input_tokens, "output-tokens": max_tokens}
             )
             if wait > 0:
                 stats.rate_limited += 1
-                return self.rate_limited_response(request_id, body["model"], wait)
+                return self.rate_limited_response(request_id, model, wait)
 
         fail = overrides.fail
         if fail is not None and fail in HTTP_FAIL_KINDS:
             stats.count_failure(fail)
             return self.error_response(fail, request_id)
 
-        gen = plan_generation(
-            messages, max_tokens, max(0, overrides.tokens), body.get("stop_sequences")
-        )
-        message_id = "msg_sim_" + self._next_id()
+        answer = plan_answer(body, overrides.tokens)
+        cached = self.cache.apply(model, units)
+        usage = {
+            "input_tokens": max(0, input_tokens - cached.read - cached.written),
+            "output_tokens": answer.output_tokens,
+            "cache_creation_input_tokens": cached.written,
+            "cache_read_input_tokens": cached.read,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": cached.write_5m,
+                "ephemeral_1h_input_tokens": cached.write_1h,
+            },
+            "service_tier": "standard",
+        }
+        message = {
+            "id": "msg_sim_" + self._next_id(),
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [block.final for block in answer.blocks],
+            "stop_reason": answer.stop_reason,
+            "stop_sequence": answer.stop_sequence,
+            "usage": usage,
+        }
         try:
             if body.get("stream"):
-                return await self._stream(
-                    request, request_id, message_id, body["model"], input_tokens, gen, overrides
-                )
-            return await self._whole(
-                request, request_id, message_id, body["model"], input_tokens, gen, overrides
-            )
+                start = {**message, "content": [], "stop_reason": None, "stop_sequence": None}
+                start["usage"] = {**usage, "output_tokens": 1}
+                frames = stream_frames(answer, start)
+                return await self._stream(request, request_id, model, frames, overrides)
+            return await self._whole(request, request_id, message, answer, overrides)
         finally:
             # Output tokens were reserved at max_tokens; what was not generated goes back.
-            self.limits.give_back(body["model"], "output-tokens", max_tokens - gen.output_tokens)
+            self.limits.give_back(model, "output-tokens", max_tokens - answer.output_tokens)
 
     async def _whole(
         self,
         request: web.Request,
         request_id: str,
-        message_id: str,
-        model: str,
-        input_tokens: int,
-        gen: Generation,
-        overrides: _Overrides,
+        message: dict[str, Any],
+        answer: Answer,
+        overrides: Overrides,
     ) -> web.StreamResponse:
         stats = self.stats
-        delay = overrides.latency_s + overrides.seconds_per_token * max(0, len(gen.deltas) - 1)
+        pace = overrides.seconds_per_token * max(0, answer.delta_count - 1)
+        delay = overrides.latency_s + pace
         if delay > 0:
             await asyncio.sleep(delay)
         if overrides.fail == "drop":
@@ -870,39 +303,22 @@ class Simulator:
             # A whole (non-streamed) answer has no events: overloaded comes as a 529.
             stats.count_failure("error-event")
             return self.error_response("529", request_id)
-        message = {
-            "id": message_id,
-            "type": "message",
-            "role": "assistant",
-            "model": model,
-            "content": [{"type": "text", "text": gen.text}],
-            "stop_reason": gen.stop_reason,
-            "stop_sequence": gen.stop_sequence,
-            "usage": {
-                "input_tokens": input_tokens,
-                "output_tokens": gen.output_tokens,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
-            },
-        }
         stats.messages += 1
         stats.completed += 1
-        stats.tokens_emitted += gen.output_tokens
+        stats.tokens_emitted += answer.output_tokens
         return web.Response(
-            body=_dumps(message),
+            body=dumps(message),
             content_type="application/json",
-            headers=self._success_headers(request_id, model),
+            headers=self._success_headers(request_id, message["model"]),
         )
 
     async def _stream(
         self,
         request: web.Request,
         request_id: str,
-        message_id: str,
         model: str,
-        input_tokens: int,
-        gen: Generation,
-        overrides: _Overrides,
+        frames: StreamFrames,
+        overrides: Overrides,
     ) -> web.StreamResponse:
         stats = self.stats
         headers = self._success_headers(request_id, model)
@@ -912,29 +328,8 @@ class Simulator:
         await resp.prepare(request)
         stats.streams += 1
         stats.active_streams += 1
-        message_start = _frame(
-            "message_start",
-            {
-                "type": "message_start",
-                "message": {
-                    "id": message_id,
-                    "type": "message",
-                    "role": "assistant",
-                    "model": model,
-                    "content": [],
-                    "stop_reason": None,
-                    "stop_sequence": None,
-                    "usage": {
-                        "input_tokens": input_tokens,
-                        "output_tokens": 1,
-                        "cache_creation_input_tokens": 0,
-                        "cache_read_input_tokens": 0,
-                    },
-                },
-            },
-        )
-        deltas = gen.deltas
-        fail_at = len(deltas) // 2 if overrides.fail in STREAM_FAIL_KINDS else -1
+        units = frames.units
+        fail_at = len(units) // 2 if overrides.fail in STREAM_FAIL_KINDS else -1
         stamp = overrides.timestamps
         step = overrides.seconds_per_token
         emitted: list[int] | None = None
@@ -944,47 +339,38 @@ class Simulator:
                 self.emissions.popitem(last=False)
         loop = asyncio.get_running_loop()
         try:
-            await resp.write(message_start + _BLOCK_START_FRAME + _PING_FRAME)
+            await resp.write(frames.head)
             if overrides.latency_s > 0:
                 await asyncio.sleep(overrides.latency_s)
             if step > 0 or stamp or fail_at >= 0 or emitted is not None:
                 started = loop.time()
-                for i, delta in enumerate(deltas):
+                for i, unit in enumerate(units):
                     if i == fail_at:
                         break
                     if step > 0 and i > 0:
                         wait = started + i * step - loop.time()
                         if wait > 0:
                             await asyncio.sleep(wait)
-                    frame = _WORD_FRAMES.get(delta) or _delta_frame(delta)
                     if stamp:
-                        frame = b": t=%d\n" % time.time_ns() + frame
+                        unit = b": t=%d\n" % time.time_ns() + unit
                     if emitted is not None:
                         emitted.append(time.time_ns())
-                    await resp.write(frame)
+                    await resp.write(unit)
                     stats.tokens_emitted += 1
             else:
                 # As fast as possible: one write for all the deltas.
-                await resp.write(b"".join(_WORD_FRAMES.get(d) or _delta_frame(d) for d in deltas))
-                stats.tokens_emitted += len(deltas)
+                await resp.write(b"".join(units))
+                stats.tokens_emitted += len(units)
             if fail_at >= 0:
                 assert overrides.fail is not None
                 stats.count_failure(overrides.fail)
                 if overrides.fail == "drop":
                     _close_transport(request)
                     return resp
-                await resp.write(_ERROR_EVENT_FRAME)
+                await resp.write(ERROR_EVENT_FRAME)
                 await resp.write_eof()
                 return resp
-            message_delta = _frame(
-                "message_delta",
-                {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": gen.stop_reason, "stop_sequence": gen.stop_sequence},
-                    "usage": {"output_tokens": gen.output_tokens},
-                },
-            )
-            await resp.write(_BLOCK_STOP_FRAME + message_delta + _MESSAGE_STOP_FRAME)
+            await resp.write(frames.tail)
             await resp.write_eof()
             stats.completed += 1
         except ConnectionError:
@@ -995,24 +381,18 @@ class Simulator:
         return resp
 
     async def handle_count_tokens(self, request: web.Request) -> web.Response:
-        """`POST /v1/messages/count_tokens`."""
+        """`POST /v1/messages/count_tokens`: input tokens as `/v1/messages` counts them."""
         request_id = "req_sim_" + self._next_id()
         try:
             try:
-                body = _loads(await request.read())
-            except _JSONDecodeError as exc:
+                body = loads(await request.read())
+            except JSONDecodeError as exc:
                 raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-            if not isinstance(body, dict):
-                raise InvalidRequest("request body must be a JSON object")
-            for name in ("model", "messages"):
-                if name not in body:
-                    raise InvalidRequest(f"{name}: Field required")
-            _validate_messages(body["messages"])
+            validate_count_tokens(body)
         except InvalidRequest as exc:
             return self.error_response("400", request_id, str(exc))
-        tokens = estimate_input_tokens(body.get("system"), body["messages"])
         return web.Response(
-            body=_dumps({"input_tokens": tokens}),
+            body=dumps({"input_tokens": count_input_tokens(body)}),
             content_type="application/json",
             headers={"request-id": request_id},
         )
@@ -1028,18 +408,27 @@ class Simulator:
         times = self.emissions.get(key)
         if times is None:
             return self.error_response("404", "req_sim_" + self._next_id(), f"no log {key!r}")
-        return web.Response(body=_dumps({"times_ns": times}), content_type="application/json")
+        return web.Response(body=dumps({"times_ns": times}), content_type="application/json")
+
+    async def handle_received(self, request: web.Request) -> web.Response:
+        """`GET /received/{key}`: the body of the last request sent with `x-sim-record:
+        key`, as received (404 for an unknown key)."""
+        key = request.match_info["key"]
+        raw = self.received.get(key)
+        if raw is None:
+            return self.error_response("404", "req_sim_" + self._next_id(), f"no body {key!r}")
+        return web.Response(body=raw, content_type="application/json")
 
     async def handle_stats(self, request: web.Request) -> web.Response:
         """`GET /stats`: the counters as JSON."""
-        return web.Response(body=_dumps(self.stats.to_dict()), content_type="application/json")
+        return web.Response(body=dumps(self.stats.to_dict()), content_type="application/json")
 
     async def handle_control(self, request: web.Request) -> web.Response:
         """`POST /control`: change the configuration; `{"reset_stats": true}` zeroes the counters."""
         request_id = "req_sim_" + self._next_id()
         try:
-            changes = _loads(await request.read() or b"{}")
-        except _JSONDecodeError as exc:
+            changes = loads(await request.read() or b"{}")
+        except JSONDecodeError as exc:
             return self.error_response("400", request_id, f"request body is not valid JSON: {exc}")
         if not isinstance(changes, dict):
             return self.error_response("400", request_id, "request body must be a JSON object")
@@ -1051,24 +440,12 @@ class Simulator:
         if reset:
             self.reset_stats()
         log.info("simulator configuration changed: %s", changes)
-        return web.Response(body=_dumps(config.to_dict()), content_type="application/json")
+        return web.Response(body=dumps(config.to_dict()), content_type="application/json")
 
     async def handle_not_found(self, request: web.Request) -> web.Response:
         return self.error_response(
             "404", "req_sim_" + self._next_id(), f"Not found: {request.path}"
         )
-
-
-def _header_number(raw: str | None, name: str) -> float | None:
-    if raw is None or not raw.strip():
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidRequest(f"{name}: expected a number, got {raw!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise InvalidRequest(f"{name}: expected a number >= 0, got {raw!r}")
-    return value
 
 
 def _close_transport(request: web.Request) -> None:
@@ -1093,7 +470,9 @@ def build_app(config: SimulatorConfig | None = None) -> web.Application:
     app.router.add_get("/healthz", sim.handle_healthz)
     app.router.add_get("/stats", sim.handle_stats)
     app.router.add_get("/emissions/{key}", sim.handle_emissions)
+    app.router.add_get("/received/{key}", sim.handle_received)
     app.router.add_post("/control", sim.handle_control)
+    add_batch_routes(app, BatchStore(lambda: sim.config))
     app.router.add_route("*", "/{tail:.*}", sim.handle_not_found)
     return app
 

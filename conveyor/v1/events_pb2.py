@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from conveyor.v1 import jobs_pb2 as conveyor_dot_v1_dot_jobs__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63onveyor/v1/events.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/jobs.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"k\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x34\n\x11progress_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xd8\x02\n\x10WatchJobsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x39\n\x06labels\x18\x02 \x03(\x0b\x32).conveyor.v1.WatchJobsRequest.LabelsEntry\x12J\n\x0f\x61\x66ter_sequences\x18\x03 \x03(\x0b\x32\x31.conveyor.v1.WatchJobsRequest.AfterSequencesEntry\x12\x14\n\x0ctoken_deltas\x18\x04 \x01(\x08\x12\x34\n\x11progress_interval\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x35\n\x13\x41\x66terSequencesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xa8\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12$\n\x08snapshot\x18\n \x01(\x0b\x32\x10.conveyor.v1.JobH\x00\x12\x34\n\x0estatus_changed\x18\x0b \x01(\x0b\x32\x1a.conveyor.v1.StatusChangedH\x00\x12.\n\x0btoken_delta\x18\x0c \x01(\x0b\x32\x17.conveyor.v1.TokenDeltaH\x00\x12)\n\x08progress\x18\r \x01(\x0b\x32\x15.conveyor.v1.ProgressH\x00\x42\t\n\x07payload\"\xb7\x01\n\rStatusChanged\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.conveyor.v1.JobStatus\x12(\n\x08previous\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.JobStatus\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.conveyor.v1.JobError\x12\x1d\n\x03job\x18\x05 \x01(\x0b\x32\x10.conveyor.v1.Job\"B\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\"^\n\x08Progress\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12*\n\x07\x65lapsed\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x86\x01\n\rJobEventBatch\x12\x31\n\x07\x65ntries\x18\x01 \x03(\x0b\x32 .conveyor.v1.JobEventBatch.Entry\x1a\x42\n\x05\x45ntry\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.JobEvent\x12\x13\n\x0btraceparent\x18\x02 \x01(\t2\x93\x01\n\tJobEvents\x12\x41\n\x08WatchJob\x12\x1c.conveyor.v1.WatchJobRequest\x1a\x15.conveyor.v1.JobEvent0\x01\x12\x43\n\tWatchJobs\x12\x1d.conveyor.v1.WatchJobsRequest\x1a\x15.conveyor.v1.JobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63onveyor/v1/events.proto\x12\x0b\x63onveyor.v1\x1a\x16\x63onveyor/v1/jobs.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"k\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x34\n\x11progress_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xd8\x02\n\x10WatchJobsRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x39\n\x06labels\x18\x02 \x03(\x0b\x32).conveyor.v1.WatchJobsRequest.LabelsEntry\x12J\n\x0f\x61\x66ter_sequences\x18\x03 \x03(\x0b\x32\x31.conveyor.v1.WatchJobsRequest.AfterSequencesEntry\x12\x14\n\x0ctoken_deltas\x18\x04 \x01(\x08\x12\x34\n\x11progress_interval\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x35\n\x13\x41\x66terSequencesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xa8\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12$\n\x08snapshot\x18\n \x01(\x0b\x32\x10.conveyor.v1.JobH\x00\x12\x34\n\x0estatus_changed\x18\x0b \x01(\x0b\x32\x1a.conveyor.v1.StatusChangedH\x00\x12.\n\x0btoken_delta\x18\x0c \x01(\x0b\x32\x17.conveyor.v1.TokenDeltaH\x00\x12)\n\x08progress\x18\r \x01(\x0b\x32\x15.conveyor.v1.ProgressH\x00\x42\t\n\x07payload\"\xb7\x01\n\rStatusChanged\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.conveyor.v1.JobStatus\x12(\n\x08previous\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.JobStatus\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.conveyor.v1.JobError\x12\x1d\n\x03job\x18\x05 \x01(\x0b\x32\x10.conveyor.v1.Job\"\xa2\x01\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\x12$\n\x04kind\x18\x04 \x01(\x0e\x32\x16.conveyor.v1.DeltaKind\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x12\n\nblock_json\x18\x06 \x01(\x0c\x12\x15\n\rcitation_json\x18\x07 \x01(\x0c\"^\n\x08Progress\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12*\n\x07\x65lapsed\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x86\x01\n\rJobEventBatch\x12\x31\n\x07\x65ntries\x18\x01 \x03(\x0b\x32 .conveyor.v1.JobEventBatch.Entry\x1a\x42\n\x05\x45ntry\x12$\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x15.conveyor.v1.JobEvent\x12\x13\n\x0btraceparent\x18\x02 \x01(\t*\xb9\x01\n\tDeltaKind\x12\x1a\n\x16\x44\x45LTA_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45LTA_KIND_TEXT\x10\x01\x12\x19\n\x15\x44\x45LTA_KIND_INPUT_JSON\x10\x02\x12\x17\n\x13\x44\x45LTA_KIND_THINKING\x10\x03\x12\x18\n\x14\x44\x45LTA_KIND_SIGNATURE\x10\x04\x12\x17\n\x13\x44\x45LTA_KIND_CITATION\x10\x05\x12\x14\n\x10\x44\x45LTA_KIND_BLOCK\x10\x06\x32\xc5\x01\n\tJobEvents\x12_\n\x08WatchJob\x12\x1c.conveyor.v1.WatchJobRequest\x1a\x15.conveyor.v1.JobEvent\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/jobs/{id}/events0\x01\x12W\n\tWatchJobs\x12\x1d.conveyor.v1.WatchJobsRequest\x1a\x15.conveyor.v1.JobEvent\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/events0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,26 +39,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHJOBSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_WATCHJOBSREQUEST_AFTERSEQUENCESENTRY']._loaded_options = None
   _globals['_WATCHJOBSREQUEST_AFTERSEQUENCESENTRY']._serialized_options = b'8\001'
-  _globals['_WATCHJOBREQUEST']._serialized_start=130
-  _globals['_WATCHJOBREQUEST']._serialized_end=237
-  _globals['_WATCHJOBSREQUEST']._serialized_start=240
-  _globals['_WATCHJOBSREQUEST']._serialized_end=584
-  _globals['_WATCHJOBSREQUEST_LABELSENTRY']._serialized_start=484
-  _globals['_WATCHJOBSREQUEST_LABELSENTRY']._serialized_end=529
-  _globals['_WATCHJOBSREQUEST_AFTERSEQUENCESENTRY']._serialized_start=531
-  _globals['_WATCHJOBSREQUEST_AFTERSEQUENCESENTRY']._serialized_end=584
-  _globals['_JOBEVENT']._serialized_start=587
-  _globals['_JOBEVENT']._serialized_end=883
-  _globals['_STATUSCHANGED']._serialized_start=886
-  _globals['_STATUSCHANGED']._serialized_end=1069
-  _globals['_TOKENDELTA']._serialized_start=1071
-  _globals['_TOKENDELTA']._serialized_end=1137
-  _globals['_PROGRESS']._serialized_start=1139
-  _globals['_PROGRESS']._serialized_end=1233
-  _globals['_JOBEVENTBATCH']._serialized_start=1236
-  _globals['_JOBEVENTBATCH']._serialized_end=1370
-  _globals['_JOBEVENTBATCH_ENTRY']._serialized_start=1304
-  _globals['_JOBEVENTBATCH_ENTRY']._serialized_end=1370
-  _globals['_JOBEVENTS']._serialized_start=1373
-  _globals['_JOBEVENTS']._serialized_end=1520
+  _globals['_JOBEVENTS'].methods_by_name['WatchJob']._loaded_options = None
+  _globals['_JOBEVENTS'].methods_by_name['WatchJob']._serialized_options = b'\202\323\344\223\002\026\022\024/v1/jobs/{id}/events'
+  _globals['_JOBEVENTS'].methods_by_name['WatchJobs']._loaded_options = None
+  _globals['_JOBEVENTS'].methods_by_name['WatchJobs']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/events'
+  _globals['_DELTAKIND']._serialized_start=1500
+  _globals['_DELTAKIND']._serialized_end=1685
+  _globals['_WATCHJOBREQUEST']._serialized_start=160
+  _globals['_WATCHJOBREQUEST']._serialized_end=267
+  _globals['_WATCHJOBSREQUEST']._serialized_start=270
+  _globals['_WATCHJOBSREQUEST']._serialized_end=614
+  _globals['_WATCHJOBSREQUEST_LABELSENTRY']._serialized_start=514
+  _globals['_WATCHJOBSREQUEST_LABELSENTRY']._serialized_end=559
+  _globals['_WATCHJOBSREQUEST_AFTERSEQUENCESENTRY']._serialized_start=561
+  _globals['_WATCHJOBSREQUEST_AFTERSEQUENCESENTRY']._serialized_end=614
+  _globals['_JOBEVENT']._serialized_start=617
+  _globals['_JOBEVENT']._serialized_end=913
+  _globals['_STATUSCHANGED']._serialized_start=916
+  _globals['_STATUSCHANGED']._serialized_end=1099
+  _globals['_TOKENDELTA']._serialized_start=1102
+  _globals['_TOKENDELTA']._serialized_end=1264
+  _globals['_PROGRESS']._serialized_start=1266
+  _globals['_PROGRESS']._serialized_end=1360
+  _globals['_JOBEVENTBATCH']._serialized_start=1363
+  _globals['_JOBEVENTBATCH']._serialized_end=1497
+  _globals['_JOBEVENTBATCH_ENTRY']._serialized_start=1431
+  _globals['_JOBEVENTBATCH_ENTRY']._serialized_end=1497
+  _globals['_JOBEVENTS']._serialized_start=1688
+  _globals['_JOBEVENTS']._serialized_end=1885
 # @@protoc_insertion_point(module_scope)

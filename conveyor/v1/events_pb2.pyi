@@ -10,6 +10,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,6 +21,56 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _DeltaKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeltaKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeltaKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DELTA_KIND_UNSPECIFIED: _DeltaKind.ValueType  # 0
+    """Not sent."""
+    DELTA_KIND_TEXT: _DeltaKind.ValueType  # 1
+    """`text` is text of a text block (text_delta)."""
+    DELTA_KIND_INPUT_JSON: _DeltaKind.ValueType  # 2
+    """`text` is a piece of a tool_use (or server_tool_use) block's input JSON
+    (input_json_delta's partial_json); the pieces of a block, joined, are
+    its `input` object.
+    """
+    DELTA_KIND_THINKING: _DeltaKind.ValueType  # 3
+    """`text` is thinking text of a thinking block (thinking_delta)."""
+    DELTA_KIND_SIGNATURE: _DeltaKind.ValueType  # 4
+    """`text` is a piece of a thinking block's signature (signature_delta)."""
+    DELTA_KIND_CITATION: _DeltaKind.ValueType  # 5
+    """`citation_json` is one citation added to a text block (citations_delta)."""
+    DELTA_KIND_BLOCK: _DeltaKind.ValueType  # 6
+    """A block that streams no deltas (redacted_thinking, a server tool's
+    result): `block_json` is the whole block.
+    """
+
+class DeltaKind(_DeltaKind, metaclass=_DeltaKindEnumTypeWrapper):
+    """DeltaKind says what a TokenDelta carries: the Messages API's delta types."""
+
+DELTA_KIND_UNSPECIFIED: DeltaKind.ValueType  # 0
+"""Not sent."""
+DELTA_KIND_TEXT: DeltaKind.ValueType  # 1
+"""`text` is text of a text block (text_delta)."""
+DELTA_KIND_INPUT_JSON: DeltaKind.ValueType  # 2
+"""`text` is a piece of a tool_use (or server_tool_use) block's input JSON
+(input_json_delta's partial_json); the pieces of a block, joined, are
+its `input` object.
+"""
+DELTA_KIND_THINKING: DeltaKind.ValueType  # 3
+"""`text` is thinking text of a thinking block (thinking_delta)."""
+DELTA_KIND_SIGNATURE: DeltaKind.ValueType  # 4
+"""`text` is a piece of a thinking block's signature (signature_delta)."""
+DELTA_KIND_CITATION: DeltaKind.ValueType  # 5
+"""`citation_json` is one citation added to a text block (citations_delta)."""
+DELTA_KIND_BLOCK: DeltaKind.ValueType  # 6
+"""A block that streams no deltas (redacted_thinking, a server tool's
+result): `block_json` is the whole block.
+"""
+Global___DeltaKind: _TypeAlias = DeltaKind  # noqa: Y015
 
 @_typing.final
 class WatchJobRequest(_message.Message):
@@ -189,7 +240,7 @@ class JobEvent(_message.Message):
 
     @_builtins.property
     def token_delta(self) -> Global___TokenDelta:
-        """The model emitted text."""
+        """The model emitted a piece of its answer (text, tool input, thinking...)."""
 
     @_builtins.property
     def progress(self) -> Global___Progress:
@@ -263,35 +314,56 @@ Global___StatusChanged: _TypeAlias = StatusChanged  # noqa: Y015
 
 @_typing.final
 class TokenDelta(_message.Message):
-    """TokenDelta is a piece of generated text."""
+    """TokenDelta is a piece of the model's answer: of content block `index`."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    BLOCK_JSON_FIELD_NUMBER: _builtins.int
+    CITATION_JSON_FIELD_NUMBER: _builtins.int
     text: _builtins.str
-    """The text. The deltas of an attempt, concatenated in sequence order, are
-    that attempt's output; a new attempt starts a new text.
+    """The piece (see kind). The TEXT deltas of an attempt, concatenated in
+    sequence order, are that attempt's text; a new attempt starts anew.
     """
     attempt: _builtins.int
     """Attempt number that produced it."""
     output_tokens: _builtins.int
-    """Text pieces the model sent so far in this attempt, this delta's included
-    (about one token each; the worker may send pieces that arrive together as
-    one delta). The delta's sequence minus output_tokens is the sequence of
-    the attempt's RUNNING event.
+    """Pieces the model streamed so far in this attempt, this delta's included
+    (about one token each; a block that streams no deltas counts one; the
+    worker may send pieces of one block and kind that arrive together as one
+    delta). The delta's sequence minus output_tokens is the sequence of the
+    attempt's RUNNING event.
     """
+    kind: Global___DeltaKind.ValueType
+    """What the piece is."""
+    index: _builtins.int
+    """Index of the content block it belongs to (0 for the first block)."""
+    block_json: _builtins.bytes
+    """On the first delta of each block: the block as its content_block_start
+    event gave it (UTF-8 JSON, e.g. {"type": "tool_use", "id": "toolu_...",
+    "name": "get_weather", "input": {}}), so that a watcher learns the
+    block's type, tool name and id. Empty on later deltas of the block.
+    """
+    citation_json: _builtins.bytes
+    """For CITATION: the citation object (UTF-8 JSON)."""
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         attempt: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
+        kind: Global___DeltaKind.ValueType = ...,
+        index: _builtins.int = ...,
+        block_json: _builtins.bytes = ...,
+        citation_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "output_tokens", b"output_tokens", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "block_json", b"block_json", "citation_json", b"citation_json", "index", b"index", "kind", b"kind", "output_tokens", b"output_tokens", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -66,12 +66,14 @@ class JobEventsStub:
     event is then sent after the snapshot.
 
     Token deltas are kept for the attempt in progress (and for a short while
-    after it ends): a watch that starts or resumes while a job runs gets all
-    the text of the running attempt after its starting point, as the
-    original deltas, followed by the live ones, so that the concatenated
-    deltas of an attempt are exactly its text. Deltas of an attempt that
-    ended before the watch began are not replayed: a finished job's text is
-    in the terminal event's `job.result_text`.
+    after it ends): a watch that starts or resumes while a job runs gets every
+    delta of the running attempt after its starting point (every kind: text,
+    tool input, thinking, signature, citations, whole blocks), as the
+    original deltas, followed by the live ones, so that the deltas of an
+    attempt rebuild its content blocks (the TEXT deltas concatenated are
+    exactly its text). Deltas of an attempt that ended before the watch
+    began are not replayed: a finished job's answer is in the terminal
+    event's `job.content_json` and `job.result_text`.
 
     Progress messages (every `progress_interval` while the job runs) carry
     the sequence number of the last event sent before them; they are not
@@ -130,12 +132,14 @@ class JobEventsAsyncStub(JobEventsStub):
     event is then sent after the snapshot.
 
     Token deltas are kept for the attempt in progress (and for a short while
-    after it ends): a watch that starts or resumes while a job runs gets all
-    the text of the running attempt after its starting point, as the
-    original deltas, followed by the live ones, so that the concatenated
-    deltas of an attempt are exactly its text. Deltas of an attempt that
-    ended before the watch began are not replayed: a finished job's text is
-    in the terminal event's `job.result_text`.
+    after it ends): a watch that starts or resumes while a job runs gets every
+    delta of the running attempt after its starting point (every kind: text,
+    tool input, thinking, signature, citations, whole blocks), as the
+    original deltas, followed by the live ones, so that the deltas of an
+    attempt rebuild its content blocks (the TEXT deltas concatenated are
+    exactly its text). Deltas of an attempt that ended before the watch
+    began are not replayed: a finished job's answer is in the terminal
+    event's `job.content_json` and `job.result_text`.
 
     Progress messages (every `progress_interval` while the job runs) carry
     the sequence number of the last event sent before them; they are not
@@ -197,12 +201,14 @@ class JobEventsServicer(metaclass=_abc_1.ABCMeta):
         event is then sent after the snapshot.
 
         Token deltas are kept for the attempt in progress (and for a short while
-        after it ends): a watch that starts or resumes while a job runs gets all
-        the text of the running attempt after its starting point, as the
-        original deltas, followed by the live ones, so that the concatenated
-        deltas of an attempt are exactly its text. Deltas of an attempt that
-        ended before the watch began are not replayed: a finished job's text is
-        in the terminal event's `job.result_text`.
+        after it ends): a watch that starts or resumes while a job runs gets every
+        delta of the running attempt after its starting point (every kind: text,
+        tool input, thinking, signature, citations, whole blocks), as the
+        original deltas, followed by the live ones, so that the deltas of an
+        attempt rebuild its content blocks (the TEXT deltas concatenated are
+        exactly its text). Deltas of an attempt that ended before the watch
+        began are not replayed: a finished job's answer is in the terminal
+        event's `job.content_json` and `job.result_text`.
 
         Progress messages (every `progress_interval` while the job runs) carry
         the sequence number of the last event sent before them; they are not

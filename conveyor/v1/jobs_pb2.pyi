@@ -94,6 +94,34 @@ WEBHOOK_EVENTS_ALL: WebhookEvents.ValueType  # 2
 """Every status change, the submission included."""
 Global___WebhookEvents: _TypeAlias = WebhookEvents  # noqa: Y015
 
+class _JobView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_VIEW_UNSPECIFIED: _JobView.ValueType  # 0
+    """The default: BASIC."""
+    JOB_VIEW_BASIC: _JobView.ValueType  # 1
+    """Everything but the bulky fields: no content_json, no request_json (and
+    no usage_json). result_text is kept.
+    """
+    JOB_VIEW_FULL: _JobView.ValueType  # 2
+    """Every field, as GetJob returns it."""
+
+class JobView(_JobView, metaclass=_JobViewEnumTypeWrapper):
+    """JobView says how much of each job a listing returns."""
+
+JOB_VIEW_UNSPECIFIED: JobView.ValueType  # 0
+"""The default: BASIC."""
+JOB_VIEW_BASIC: JobView.ValueType  # 1
+"""Everything but the bulky fields: no content_json, no request_json (and
+no usage_json). result_text is kept.
+"""
+JOB_VIEW_FULL: JobView.ValueType  # 2
+"""Every field, as GetJob returns it."""
+Global___JobView: _TypeAlias = JobView  # noqa: Y015
+
 @_typing.final
 class Message(_message.Message):
     """Message is one turn of the conversation, as in the Messages API."""
@@ -122,8 +150,14 @@ Global___Message: _TypeAlias = Message  # noqa: Y015
 
 @_typing.final
 class SubmitJobRequest(_message.Message):
-    """SubmitJobRequest is one LLM call to run, plus how to run it. The first
-    group of fields is what the Anthropic Messages API takes.
+    """SubmitJobRequest is one LLM call to run, plus how to run it.
+
+    The call is given in one of two forms, never both (INVALID_ARGUMENT):
+    - the whole Messages API request body in `request_json` (content blocks,
+      tools, thinking, output_config, cache_control...);
+    - the short typed form for a text prompt: fields 1..7 (`model`, `system`,
+      `messages`, `max_tokens`, `temperature`, `stop_sequences`, `metadata`).
+    Fields 10..19 are Conveyor's own and go with either form.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -185,8 +219,9 @@ class SubmitJobRequest(_message.Message):
     WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     WEBHOOK_EVENTS_FIELD_NUMBER: _builtins.int
+    REQUEST_JSON_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name, e.g. "claude-sonnet-4-5". Required."""
+    """Short form. Model name, e.g. "claude-sonnet-4-5". Required in this form."""
     system: _builtins.str
     """System prompt. Optional."""
     max_tokens: _builtins.int
@@ -210,6 +245,27 @@ class SubmitJobRequest(_message.Message):
     """
     webhook_events: Global___WebhookEvents.ValueType
     """Which changes are POSTed to webhook_url; needs webhook_url."""
+    request_json: _builtins.bytes
+    """The whole Messages API request body as UTF-8 JSON: the object that
+    `anthropic.AsyncAnthropic().messages.create(**body)` takes, `model` and
+    `max_tokens` included, e.g. {"model": "claude-sonnet-4-5", "max_tokens":
+    1024, "messages": [...], "tools": [...]}. Exclusive with the short form.
+
+    It is checked at submit against the installed anthropic SDK's request
+    types; a refusal is INVALID_ARGUMENT whose google.rpc.BadRequest names the
+    JSON path, e.g. `request.messages[2].content[0].source.media_type`. An
+    unknown top-level key is refused unless the server lists it
+    (CONVEYOR_REQUEST_EXTRA_KEYS); sampling parameters (`temperature`,
+    `top_p`, `top_k`) go at the top level, as the API takes them. `stream` is
+    Conveyor's: leave it out. The worker sends the body to the API as it is.
+
+    JSON bytes, not google.protobuf.Struct: a Struct holds every number as a
+    double, so `max_tokens`, `budget_tokens` or an integer in a tool's input
+    would reach the API as 1024.0 (and big integers would lose digits); the
+    body would not arrive as submitted. Bytes are also what the gateway checks
+    and stores without a conversion, and any language sends them from a
+    string it already has.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """The conversation; at least one message, the first from "user". Required."""
@@ -258,10 +314,11 @@ class SubmitJobRequest(_message.Message):
         webhook_url: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         webhook_events: Global___WebhookEvents.ValueType = ...,
+        request_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "delay", b"delay", "run_at", b"run_at", "temperature", b"temperature", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "delay", b"delay", "idempotency_key", b"idempotency_key", "labels", b"labels", "lane", b"lane", "max_attempts", b"max_attempts", "max_tokens", b"max_tokens", "messages", b"messages", "metadata", b"metadata", "model", b"model", "priority", b"priority", "run_at", b"run_at", "stop_sequences", b"stop_sequences", "system", b"system", "temperature", b"temperature", "timeout", b"timeout", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "delay", b"delay", "idempotency_key", b"idempotency_key", "labels", b"labels", "lane", b"lane", "max_attempts", b"max_attempts", "max_tokens", b"max_tokens", "messages", b"messages", "metadata", b"metadata", "model", b"model", "priority", b"priority", "request_json", b"request_json", "run_at", b"run_at", "stop_sequences", b"stop_sequences", "system", b"system", "temperature", b"temperature", "timeout", b"timeout", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
@@ -348,6 +405,58 @@ class SubmitJobsResponse(_message.Message):
 Global___SubmitJobsResponse: _TypeAlias = SubmitJobsResponse  # noqa: Y015
 
 @_typing.final
+class CacheCreation(_message.Message):
+    """CacheCreation splits cache-write tokens by the cache entry's lifetime."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPHEMERAL_5M_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    EPHEMERAL_1H_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    ephemeral_5m_input_tokens: _builtins.int
+    """Input tokens written to a 5-minute cache entry."""
+    ephemeral_1h_input_tokens: _builtins.int
+    """Input tokens written to a 1-hour cache entry."""
+    def __init__(
+        self,
+        *,
+        ephemeral_5m_input_tokens: _builtins.int = ...,
+        ephemeral_1h_input_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ephemeral_1h_input_tokens", b"ephemeral_1h_input_tokens", "ephemeral_5m_input_tokens", b"ephemeral_5m_input_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheCreation: _TypeAlias = CacheCreation  # noqa: Y015
+
+@_typing.final
+class ServerToolUsage(_message.Message):
+    """ServerToolUsage counts the server tools' requests of a call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEB_SEARCH_REQUESTS_FIELD_NUMBER: _builtins.int
+    WEB_FETCH_REQUESTS_FIELD_NUMBER: _builtins.int
+    web_search_requests: _builtins.int
+    """Web search requests made."""
+    web_fetch_requests: _builtins.int
+    """Web fetch requests made."""
+    def __init__(
+        self,
+        *,
+        web_search_requests: _builtins.int = ...,
+        web_fetch_requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["web_fetch_requests", b"web_fetch_requests", "web_search_requests", b"web_search_requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerToolUsage: _TypeAlias = ServerToolUsage  # noqa: Y015
+
+@_typing.final
 class Usage(_message.Message):
     """Usage is the token accounting the provider reported."""
 
@@ -357,6 +466,10 @@ class Usage(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHE_CREATION_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHE_READ_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_CREATION_FIELD_NUMBER: _builtins.int
+    SERVER_TOOL_USE_FIELD_NUMBER: _builtins.int
+    SERVICE_TIER_FIELD_NUMBER: _builtins.int
+    USAGE_JSON_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """Input tokens billed."""
     output_tokens: _builtins.int
@@ -365,6 +478,20 @@ class Usage(_message.Message):
     """Input tokens written to the prompt cache."""
     cache_read_input_tokens: _builtins.int
     """Input tokens read from the prompt cache."""
+    service_tier: _builtins.str
+    """Service tier that ran the call: "standard", "priority" or "batch"."""
+    usage_json: _builtins.bytes
+    """On a job: the whole `usage` object as the provider reported it, as UTF-8
+    JSON, fields newer than this contract included. Empty in statistics.
+    """
+    @_builtins.property
+    def cache_creation(self) -> Global___CacheCreation:
+        """Cache writes by lifetime (set on a job when the provider reported them)."""
+
+    @_builtins.property
+    def server_tool_use(self) -> Global___ServerToolUsage:
+        """Server tool requests (set on a job when the provider reported them)."""
+
     def __init__(
         self,
         *,
@@ -372,10 +499,14 @@ class Usage(_message.Message):
         output_tokens: _builtins.int = ...,
         cache_creation_input_tokens: _builtins.int = ...,
         cache_read_input_tokens: _builtins.int = ...,
+        cache_creation: Global___CacheCreation | None = ...,
+        server_tool_use: Global___ServerToolUsage | None = ...,
+        service_tier: _builtins.str = ...,
+        usage_json: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_creation", b"cache_creation", "server_tool_use", b"server_tool_use"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation", b"cache_creation", "cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "server_tool_use", b"server_tool_use", "service_tier", b"service_tier", "usage_json", b"usage_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -466,6 +597,13 @@ class Job(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_AT_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    CONTENT_JSON_FIELD_NUMBER: _builtins.int
+    STOP_SEQUENCE_FIELD_NUMBER: _builtins.int
+    RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_MODEL_FIELD_NUMBER: _builtins.int
+    REQUEST_JSON_FIELD_NUMBER: _builtins.int
+    COST_MICROS_FIELD_NUMBER: _builtins.int
+    PRICED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id (a UUID)."""
     tenant: _builtins.str
@@ -485,9 +623,13 @@ class Job(_message.Message):
     max_attempts: _builtins.int
     """Attempts allowed."""
     result_text: _builtins.str
-    """Generated text (on success, or the partial text of a cancelled run)."""
+    """Generated text (on success, or the partial text of a cancelled run): the
+    text of the text blocks of `content_json`, joined.
+    """
     stop_reason: _builtins.str
-    """Why generation stopped: "end_turn", "max_tokens", "stop_sequence"."""
+    """Why generation stopped: "end_turn", "max_tokens", "stop_sequence",
+    "tool_use", "pause_turn", "refusal", ... as the provider said.
+    """
     dead_reason: _builtins.str
     """Why the job was dead-lettered, when status is DEAD."""
     webhook_url: _builtins.str
@@ -498,6 +640,34 @@ class Job(_message.Message):
     """W3C trace id (32 hex digits) of the job's trace."""
     sequence: _builtins.int
     """Sequence number of the job's latest event (see JobEvents.WatchJob)."""
+    content_json: _builtins.bytes
+    """The final message's content blocks, as the provider returned them, as a
+    UTF-8 JSON array: text (with citations), tool_use (with its `input`
+    object), thinking (with signature), redacted_thinking, server tool blocks.
+    Decode it with any JSON parser, e.g. into the SDK's ContentBlock types.
+    JSON bytes rather than google.protobuf.ListValue for the reason given at
+    SubmitJobRequest.request_json: a tool call's integers stay integers.
+    Empty in the BASIC view.
+    """
+    stop_sequence: _builtins.str
+    """The stop sequence that ended generation, when stop_reason is "stop_sequence"."""
+    response_id: _builtins.str
+    """The provider's message id, e.g. "msg_01..."."""
+    response_model: _builtins.str
+    """The model that answered, as the provider named it."""
+    request_json: _builtins.bytes
+    """The request as stored: the whole Messages API body (UTF-8 JSON, `model`
+    included), also for a job submitted in the short form. Only in the FULL
+    view (GetJob, ListJobs with view FULL); never in watch events.
+    """
+    cost_micros: _builtins.int
+    """What the job's attempts cost, in micro-dollars (1e-6 USD), from their usage and
+    the model's prices (README "Cost and budgets"). Meaningful when `priced`.
+    """
+    priced: _builtins.bool
+    """Whether cost_micros is known: false while the job has not finished an attempt,
+    or when its model is missing from the price table (unpriced, never free).
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels given at submission."""
@@ -562,10 +732,17 @@ class Job(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         cancel_requested_at: _timestamp_pb2.Timestamp | None = ...,
         sequence: _builtins.int = ...,
+        content_json: _builtins.bytes = ...,
+        stop_sequence: _builtins.str = ...,
+        response_id: _builtins.str = ...,
+        response_model: _builtins.str = ...,
+        request_json: _builtins.bytes = ...,
+        cost_micros: _builtins.int = ...,
+        priced: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "run_at", b"run_at", "started_at", b"started_at", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "dead_reason", b"dead_reason", "error", b"error", "finished_at", b"finished_at", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "lane", b"lane", "max_attempts", b"max_attempts", "model", b"model", "priority", b"priority", "result_text", b"result_text", "run_at", b"run_at", "sequence", b"sequence", "started_at", b"started_at", "status", b"status", "stop_reason", b"stop_reason", "tenant", b"tenant", "trace_id", b"trace_id", "updated_at", b"updated_at", "usage", b"usage", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested_at", b"cancel_requested_at", "content_json", b"content_json", "cost_micros", b"cost_micros", "created_at", b"created_at", "dead_reason", b"dead_reason", "error", b"error", "finished_at", b"finished_at", "id", b"id", "idempotency_key", b"idempotency_key", "labels", b"labels", "lane", b"lane", "max_attempts", b"max_attempts", "model", b"model", "priced", b"priced", "priority", b"priority", "request_json", b"request_json", "response_id", b"response_id", "response_model", b"response_model", "result_text", b"result_text", "run_at", b"run_at", "sequence", b"sequence", "started_at", b"started_at", "status", b"status", "stop_reason", b"stop_reason", "stop_sequence", b"stop_sequence", "tenant", b"tenant", "trace_id", b"trace_id", "updated_at", b"updated_at", "usage", b"usage", "webhook_events", b"webhook_events", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -650,12 +827,17 @@ class ListJobsRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     lane: _builtins.str
     """Only jobs in this lane; empty means any."""
     page_size: _builtins.int
     """Page size, 1..1000; 0 means 100."""
     page_token: _builtins.str
     """Token from a previous response's next_page_token."""
+    view: Global___JobView.ValueType
+    """How much of each job to return; unset means BASIC, so that pages of
+    large results stay small.
+    """
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___JobStatus.ValueType]:
         """Only jobs in one of these statuses; empty means any."""
@@ -682,10 +864,11 @@ class ListJobsRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        view: Global___JobView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "labels", b"labels", "lane", b"lane", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "labels", b"labels", "lane", b"lane", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -825,23 +1008,89 @@ class GetStatsRequest(_message.Message):
 
     TENANT_FIELD_NUMBER: _builtins.int
     ALL_TENANTS_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Another tenant's statistics (admin keys only); empty means the caller's."""
     all_tenants: _builtins.bool
     """Statistics over every tenant, with a per-tenant breakdown (admin keys only)."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """The window of the cost rows (`costs`): jobs finished at or after `since` and
+        before `until`. Unset: the last 24 hours up to now.
+        """
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         all_tenants: _builtins.bool = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_tenants", b"all_tenants", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_tenants", b"all_tenants", "since", b"since", "tenant", b"tenant", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
+
+@_typing.final
+class CostStats(_message.Message):
+    """CostStats is the cost of the jobs of one tenant, model and lane that finished in
+    the window, with the prompt cache report.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    LANE_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    UNPRICED_JOBS_FIELD_NUMBER: _builtins.int
+    COST_MICROS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_READ_RATIO_FIELD_NUMBER: _builtins.int
+    CACHE_SAVED_MICROS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    model: _builtins.str
+    lane: _builtins.str
+    jobs: _builtins.int
+    """Finished jobs, and those of them whose model is unpriced (not in cost_micros)."""
+    unpriced_jobs: _builtins.int
+    cost_micros: _builtins.int
+    """Cost of the priced jobs, micro-dollars."""
+    cache_read_ratio: _builtins.float
+    """Cache reads over all input tokens (uncached input + cache writes + cache reads)."""
+    cache_saved_micros: _builtins.int
+    """What the cache reads would have cost as input minus what they cost (priced jobs)."""
+    @_builtins.property
+    def tokens(self) -> Global___Usage:
+        """Token totals of the jobs."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        model: _builtins.str = ...,
+        lane: _builtins.str = ...,
+        jobs: _builtins.int = ...,
+        unpriced_jobs: _builtins.int = ...,
+        cost_micros: _builtins.int = ...,
+        tokens: Global___Usage | None = ...,
+        cache_read_ratio: _builtins.float = ...,
+        cache_saved_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_read_ratio", b"cache_read_ratio", "cache_saved_micros", b"cache_saved_micros", "cost_micros", b"cost_micros", "jobs", b"jobs", "lane", b"lane", "model", b"model", "tenant", b"tenant", "tokens", b"tokens", "unpriced_jobs", b"unpriced_jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CostStats: _TypeAlias = CostStats  # noqa: Y015
 
 @_typing.final
 class TenantStats(_message.Message):
@@ -983,6 +1232,9 @@ class GetStatsResponse(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     TENANTS_FIELD_NUMBER: _builtins.int
+    COSTS_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
     dead_letter_depth: _builtins.int
     """Messages in the dead-letter queue."""
     tenant: _builtins.str
@@ -1011,6 +1263,16 @@ class GetStatsResponse(_message.Message):
     def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantStats]:
         """With all_tenants: each tenant's counts and tokens, by tenant name."""
 
+    @_builtins.property
+    def costs(self) -> _containers.RepeatedCompositeFieldContainer[Global___CostStats]:
+        """Cost per tenant, model and lane over the request's window."""
+
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """The window of `costs`."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -1022,10 +1284,13 @@ class GetStatsResponse(_message.Message):
         tokens: Global___Usage | None = ...,
         tenant: _builtins.str = ...,
         tenants: _abc.Iterable[Global___TenantStats] | None = ...,
+        costs: _abc.Iterable[Global___CostStats] | None = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["run_time_p50", b"run_time_p50", "run_time_p95", b"run_time_p95", "tokens", b"tokens"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run_time_p50", b"run_time_p50", "run_time_p95", b"run_time_p95", "since", b"since", "tokens", b"tokens", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "dead_letter_depth", b"dead_letter_depth", "lanes", b"lanes", "run_time_p50", b"run_time_p50", "run_time_p95", b"run_time_p95", "tenant", b"tenant", "tenants", b"tenants", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["costs", b"costs", "counts", b"counts", "dead_letter_depth", b"dead_letter_depth", "lanes", b"lanes", "run_time_p50", b"run_time_p50", "run_time_p95", b"run_time_p95", "since", b"since", "tenant", b"tenant", "tenants", b"tenants", "tokens", b"tokens", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1129,3 +1394,92 @@ class GetJobHistoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetJobHistoryResponse: _TypeAlias = GetJobHistoryResponse  # noqa: Y015
+
+@_typing.final
+class DeleteJobRequest(_message.Message):
+    """DeleteJobRequest names a finished job to erase."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Job id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobRequest: _TypeAlias = DeleteJobRequest  # noqa: Y015
+
+@_typing.final
+class DeleteJobResponse(_message.Message):
+    """DeleteJobResponse is empty: the job and its data are gone."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobResponse: _TypeAlias = DeleteJobResponse  # noqa: Y015
+
+@_typing.final
+class UpdateJobPriorityRequest(_message.Message):
+    """UpdateJobPriorityRequest names a waiting job and its new priority."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Job id."""
+    priority: _builtins.int
+    """The new priority, 0..9."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        priority: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "priority", b"priority"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateJobPriorityRequest: _TypeAlias = UpdateJobPriorityRequest  # noqa: Y015
+
+@_typing.final
+class UpdateJobPriorityResponse(_message.Message):
+    """UpdateJobPriorityResponse carries the job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___Job:
+        """The job, with its new priority."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateJobPriorityResponse: _TypeAlias = UpdateJobPriorityResponse  # noqa: Y015

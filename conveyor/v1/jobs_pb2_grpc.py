@@ -82,6 +82,16 @@ class JobServiceStub:
                 request_serializer=conveyor_dot_v1_dot_jobs__pb2.GetJobHistoryRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_jobs__pb2.GetJobHistoryResponse.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/conveyor.v1.JobService/DeleteJob',
+                request_serializer=conveyor_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
+        self.UpdateJobPriority = channel.unary_unary(
+                '/conveyor.v1.JobService/UpdateJobPriority',
+                request_serializer=conveyor_dot_v1_dot_jobs__pb2.UpdateJobPriorityRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_jobs__pb2.UpdateJobPriorityResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -113,7 +123,7 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """GetJob returns one job of the caller's tenant, or NOT_FOUND.
+        """GetJob returns one job of the caller's tenant (the FULL view), or NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,6 +161,24 @@ class JobServiceServicer:
     def GetJobHistory(self, request, context):
         """GetJobHistory returns a job's stored transitions, oldest first, each with
         who caused it (the audit trail of submit, cancel and replay).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """DeleteJob erases one finished job of the caller's tenant now, with its
+        history, attempts and webhook deliveries (an erasure request); it is
+        NOT_FOUND afterwards. A job not finished yet is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateJobPriority(self, request, context):
+        """UpdateJobPriority changes the priority of a pending or scheduled job; a
+        pending job is queued again at its new priority. A running or finished job
+        is FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -198,6 +226,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetJobHistory,
                     request_deserializer=conveyor_dot_v1_dot_jobs__pb2.GetJobHistoryRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_jobs__pb2.GetJobHistoryResponse.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=conveyor_dot_v1_dot_jobs__pb2.DeleteJobRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_jobs__pb2.DeleteJobResponse.SerializeToString,
+            ),
+            'UpdateJobPriority': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateJobPriority,
+                    request_deserializer=conveyor_dot_v1_dot_jobs__pb2.UpdateJobPriorityRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_jobs__pb2.UpdateJobPriorityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -424,6 +462,60 @@ class JobService:
             '/conveyor.v1.JobService/GetJobHistory',
             conveyor_dot_v1_dot_jobs__pb2.GetJobHistoryRequest.SerializeToString,
             conveyor_dot_v1_dot_jobs__pb2.GetJobHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.JobService/DeleteJob',
+            conveyor_dot_v1_dot_jobs__pb2.DeleteJobRequest.SerializeToString,
+            conveyor_dot_v1_dot_jobs__pb2.DeleteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateJobPriority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.JobService/UpdateJobPriority',
+            conveyor_dot_v1_dot_jobs__pb2.UpdateJobPriorityRequest.SerializeToString,
+            conveyor_dot_v1_dot_jobs__pb2.UpdateJobPriorityResponse.FromString,
             options,
             channel_credentials,
             insecure,

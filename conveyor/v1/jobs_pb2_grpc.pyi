@@ -51,7 +51,7 @@ class JobServiceStub:
     job rejects the batch with INVALID_ARGUMENT naming `jobs[i].field`.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]
-    """GetJob returns one job of the caller's tenant, or NOT_FOUND."""
+    """GetJob returns one job of the caller's tenant (the FULL view), or NOT_FOUND."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]
     """ListJobs pages through the caller's jobs, newest first."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.CancelJobResponse]
@@ -65,6 +65,16 @@ class JobServiceStub:
     GetJobHistory: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetJobHistoryRequest, _jobs_pb2.GetJobHistoryResponse]
     """GetJobHistory returns a job's stored transitions, oldest first, each with
     who caused it (the audit trail of submit, cancel and replay).
+    """
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]
+    """DeleteJob erases one finished job of the caller's tenant now, with its
+    history, attempts and webhook deliveries (an erasure request); it is
+    NOT_FOUND afterwards. A job not finished yet is FAILED_PRECONDITION.
+    """
+    UpdateJobPriority: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.UpdateJobPriorityRequest, _jobs_pb2.UpdateJobPriorityResponse]
+    """UpdateJobPriority changes the priority of a pending or scheduled job; a
+    pending job is queued again at its new priority. A running or finished job
+    is FAILED_PRECONDITION.
     """
 
 @_typing.type_check_only
@@ -90,7 +100,7 @@ class JobServiceAsyncStub(JobServiceStub):
     job rejects the batch with INVALID_ARGUMENT naming `jobs[i].field`.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobRequest, _jobs_pb2.GetJobResponse]  # type: ignore[assignment]
-    """GetJob returns one job of the caller's tenant, or NOT_FOUND."""
+    """GetJob returns one job of the caller's tenant (the FULL view), or NOT_FOUND."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListJobsRequest, _jobs_pb2.ListJobsResponse]  # type: ignore[assignment]
     """ListJobs pages through the caller's jobs, newest first."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.CancelJobRequest, _jobs_pb2.CancelJobResponse]  # type: ignore[assignment]
@@ -104,6 +114,16 @@ class JobServiceAsyncStub(JobServiceStub):
     GetJobHistory: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetJobHistoryRequest, _jobs_pb2.GetJobHistoryResponse]  # type: ignore[assignment]
     """GetJobHistory returns a job's stored transitions, oldest first, each with
     who caused it (the audit trail of submit, cancel and replay).
+    """
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_jobs_pb2.DeleteJobRequest, _jobs_pb2.DeleteJobResponse]  # type: ignore[assignment]
+    """DeleteJob erases one finished job of the caller's tenant now, with its
+    history, attempts and webhook deliveries (an erasure request); it is
+    NOT_FOUND afterwards. A job not finished yet is FAILED_PRECONDITION.
+    """
+    UpdateJobPriority: _aio.UnaryUnaryMultiCallable[_jobs_pb2.UpdateJobPriorityRequest, _jobs_pb2.UpdateJobPriorityResponse]  # type: ignore[assignment]
+    """UpdateJobPriority changes the priority of a pending or scheduled job; a
+    pending job is queued again at its new priority. A running or finished job
+    is FAILED_PRECONDITION.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -144,7 +164,7 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.GetJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.GetJobResponse, _abc.Awaitable[_jobs_pb2.GetJobResponse]]:
-        """GetJob returns one job of the caller's tenant, or NOT_FOUND."""
+        """GetJob returns one job of the caller's tenant (the FULL view), or NOT_FOUND."""
 
     @_abc_1.abstractmethod
     def ListJobs(
@@ -188,6 +208,28 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_jobs_pb2.GetJobHistoryResponse, _abc.Awaitable[_jobs_pb2.GetJobHistoryResponse]]:
         """GetJobHistory returns a job's stored transitions, oldest first, each with
         who caused it (the audit trail of submit, cancel and replay).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _jobs_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.DeleteJobResponse, _abc.Awaitable[_jobs_pb2.DeleteJobResponse]]:
+        """DeleteJob erases one finished job of the caller's tenant now, with its
+        history, attempts and webhook deliveries (an erasure request); it is
+        NOT_FOUND afterwards. A job not finished yet is FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateJobPriority(
+        self,
+        request: _jobs_pb2.UpdateJobPriorityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.UpdateJobPriorityResponse, _abc.Awaitable[_jobs_pb2.UpdateJobPriorityResponse]]:
+        """UpdateJobPriority changes the priority of a pending or scheduled job; a
+        pending job is queued again at its new priority. A running or finished job
+        is FAILED_PRECONDITION.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

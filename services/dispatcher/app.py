@@ -10,7 +10,10 @@ from conveyor.config import Settings
 from conveyor.events import EventPublisher
 from conveyor.outbox import JobQueue, TenantLanes
 from conveyor.runtime import backing_services
+from services.dispatcher.batcher import run_batcher
 from services.dispatcher.dead_letters import DeadLetterHandler
+from services.dispatcher.retention import run_retention
+from services.dispatcher.schedules import run_schedules
 from services.dispatcher.timers import run_timers, sample_queue_depths
 
 log = logging.getLogger(__name__)
@@ -31,12 +34,18 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 engine, channel, events_exchange, settings.lanes, settings.max_priority
             )
             await tenants.answer_queries(events_channel)
-        queue = JobQueue(engine, topology.jobs, tenants=tenants)
+        queue = JobQueue(engine, topology.jobs, tenants=tenants, batch_lanes=settings.batch_lanes)
         timers = asyncio.create_task(run_timers(engine, queue, events, settings, stop))
         depths = asyncio.create_task(sample_queue_depths(connection, engine, settings, stop))
+        firing = asyncio.create_task(run_schedules(engine, queue, events, settings, stop))
+        purging = asyncio.create_task(run_retention(engine, settings, stop))
+        batching = asyncio.create_task(run_batcher(engine, events, settings, stop))
         log.info("dispatcher ready")
         await stop.wait()
         await topology.dead_queue.cancel(tag)
         await timers
+        await firing
+        await purging
+        await batching
         await queue.close()
         await depths

@@ -4,10 +4,16 @@ A message arrives here when a worker rejected it (attempts exhausted, poison,
 a message naming no job) or RabbitMQ dead-lettered it. The job, if the
 message names one, is marked dead with the reason and the x-death data kept in
 its history; a message naming no job is logged and dropped.
+
+A message whose job cannot be written now (Postgres unreachable, a statement timed
+out) goes back to the queue after a pause and is tried again: left unacked, such
+messages would fill the prefetch and stall the consumer for good.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -23,6 +29,8 @@ from conveyor.states import JobState
 log = logging.getLogger(__name__)
 
 LIVE_STATES = (JobState.PENDING, JobState.SCHEDULED, JobState.RUNNING)
+RETRY_PAUSE_S = 1.0
+"""How long a dead letter whose job could not be written waits before it is requeued."""
 
 
 def _x_death(message: AbstractIncomingMessage) -> list[dict[str, Any]]:
@@ -35,11 +43,26 @@ def _x_death(message: AbstractIncomingMessage) -> list[dict[str, Any]]:
 
 
 class DeadLetterHandler:
-    def __init__(self, engine: AsyncEngine, events: EventPublisher) -> None:
+    def __init__(
+        self, engine: AsyncEngine, events: EventPublisher, retry_pause_s: float = RETRY_PAUSE_S
+    ) -> None:
         self.engine = engine
         self.events = events
+        self.retry_pause_s = retry_pause_s
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await self._handle(message)
+        except Exception as exc:
+            log.warning(
+                "dead letter not recorded; requeued after a pause",
+                extra={"message_id": message.message_id, "error": repr(exc)},
+            )
+            await asyncio.sleep(self.retry_pause_s)
+            with contextlib.suppress(Exception):  # a closed channel redelivers it anyway
+                await message.nack(requeue=True)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
         deaths = _x_death(message)
         try:
             job = JobMessage.decode(message.body)
@@ -60,7 +83,12 @@ class DeadLetterHandler:
         )
         if row is not None:
             JOBS_FINISHED.labels(row["lane"], "dead").inc()
-            await self.events.publish_status(row, row["previous_status"])
+            try:
+                await self.events.publish_status(row, row["previous_status"])
+            except Exception as exc:  # events are advisory; the row is the record
+                log.warning(
+                    "event publish failed", extra={"job_id": str(job.job_id), "error": repr(exc)}
+                )
             log.info("job dead", extra={"job_id": str(job.job_id), "reason": reason})
         else:
             log.info("dead letter for a finished or unknown job", extra={"job_id": str(job.job_id)})

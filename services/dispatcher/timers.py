@@ -4,7 +4,11 @@
 - due: scheduled jobs (delays, retry timers) whose time has come become pending;
 - stalled: running jobs without a heartbeat within the lease go back to pending
   (or to dead, when that was their last attempt);
-- outbox: pending jobs the broker never confirmed are published (again).
+- outbox: pending jobs the broker never confirmed are published (again);
+- lost messages: pending jobs published longer ago than CONVEYOR_PENDING_REPUBLISH_S
+  and still not claimed are published again (their message may be gone: a purged or
+  lost queue). Postgres is the source of truth; a duplicate message is harmless,
+  since a claim only moves a pending job.
 """
 
 from __future__ import annotations
@@ -43,12 +47,16 @@ async def tick(
     for row in lost:
         JOBS_FINISHED.labels(row["lane"], "dead").inc()
     unconfirmed = await db.unpublished(engine, older_than_s=settings.outbox_after_s)
-    published = await queue.enqueue([*due, *stalled, *unconfirmed])
+    stale = await db.stale_pending(engine, older_than_s=settings.pending_republish_s)
+    if stale:
+        log.warning("pending jobs not claimed in time; published again", extra={"jobs": len(stale)})
+    published = await queue.enqueue([*due, *stalled, *unconfirmed, *stale])
     return {
         "due": len(due),
         "stalled": len(stalled),
         "lost": len(lost),
         "unconfirmed": len(unconfirmed),
+        "republished": len(stale),
         "published": published,
     }
 

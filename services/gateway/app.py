@@ -6,21 +6,35 @@ import asyncio
 import contextlib
 import logging
 
-from conveyor import broker
+import grpc
+
+from conveyor import broker, request_body
 from conveyor.config import Settings
 from conveyor.events import EventPublisher
 from conveyor.outbox import JobQueue, TenantLanes
 from conveyor.runtime import backing_services, grpc_server, mark_serving
-from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
+from conveyor.v1 import (
+    jobs_pb2,
+    jobs_pb2_grpc,
+    operations_pb2,
+    operations_pb2_grpc,
+    schedules_pb2,
+    schedules_pb2_grpc,
+)
+from services.gateway.operations import OperationsServiceServicer
 from services.gateway.quota import SubmitQuota
+from services.gateway.schedules import ScheduleServiceServicer
 from services.gateway.servicer import JobServiceServicer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+SCHEDULES_NAME = schedules_pb2.DESCRIPTOR.services_by_name["ScheduleService"].full_name
+OPERATIONS_NAME = operations_pb2.DESCRIPTOR.services_by_name["OperationsService"].full_name
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Run the gateway until `stop` is set."""
+    request_body.warm_up()  # build the body validator now, not on the first body's submit
     async with backing_services(settings, "gateway") as (engine, connection):
         jobs_channel = await connection.channel(publisher_confirms=True)
         topology = await broker.declare_topology(
@@ -34,7 +48,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 engine, jobs_channel, events_exchange, settings.lanes, settings.max_priority
             )
             await tenants.answer_queries(events_channel)
-        queue = JobQueue(engine, topology.jobs, tenants=tenants)
+        queue = JobQueue(engine, topology.jobs, tenants=tenants, batch_lanes=settings.batch_lanes)
         quota = SubmitQuota(
             engine, settings.tenant_submit_per_minute, batch_s=settings.rate_limit_batch_s
         )
@@ -47,15 +61,25 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             connection,
             quota,
         )
+        schedules = ScheduleServiceServicer(settings, engine)
+        operations = OperationsServiceServicer(
+            settings, engine, queue, EventPublisher(events_exchange), events_exchange
+        )
+
+        def add_services(s: grpc.aio.Server) -> None:
+            jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, s)
+            schedules_pb2_grpc.add_ScheduleServiceServicer_to_server(schedules, s)
+            operations_pb2_grpc.add_OperationsServiceServicer_to_server(operations, s)
+
         server, health, port = grpc_server(
-            [SERVICE_NAME],
-            lambda s: jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, s),
+            [SERVICE_NAME, SCHEDULES_NAME, OPERATIONS_NAME],
+            add_services,
             f"{settings.gateway_host}:{settings.gateway_port}",
             settings=settings,
             engine=engine,
         )
         await server.start()
-        await mark_serving(health, [SERVICE_NAME])
+        await mark_serving(health, [SERVICE_NAME, SCHEDULES_NAME, OPERATIONS_NAME])
         log.info(
             "gateway ready",
             extra={"address": f"{settings.gateway_host}:{port}", "tls": settings.tls},

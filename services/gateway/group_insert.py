@@ -19,6 +19,14 @@ submits have their answers: it publishes them (services.gateway.servicer). The
 statement's task waits for it before taking more submits, so publishing keeps up
 with accepting: when it cannot, submits wait here and the next statements grow,
 which is also what makes their publishing cheaper per job.
+
+One submit's bad value must not fail the others it shares a statement with: when
+a shared INSERT fails with a data error (a value Postgres refuses, not a lost
+connection), the statement inserted nothing, so its submits are split in halves and
+each half tried again, until the submit that holds the value fails alone.
+
+At most `max_waiting` jobs wait for a statement: beyond that (Postgres falling behind)
+a submit is refused with RESOURCE_EXHAUSTED before anything of it is written.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.db import jobs as db
+from conveyor.db.engine import is_data_error
+from conveyor.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,7 @@ class GroupInsert:
         max_rows: int = 500,
         after_commit: Callable[[list[db.Row]], Awaitable[None]] | None = None,
         interval_s: float = 0.0,
+        max_waiting: int = 10_000,
     ) -> None:
         self.engine = engine
         self.after_commit = after_commit
@@ -61,14 +72,30 @@ class GroupInsert:
         self._free = statements
         self._starting = False
         self._waiting: deque[_Waiting] = deque()
+        self.max_waiting = max_waiting
+        self._waiting_jobs = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def insert(self, jobs: Sequence[db.NewJob], actor: str | None) -> dict[uuid.UUID, db.Row]:
-        """Insert `jobs` (submitted by `actor`); the inserted rows by job id."""
+        """Insert `jobs` (submitted by `actor`); the inserted rows by job id.
+
+        ResourceExhausted, with nothing written, when the queue is full."""
+        self.check_room(len(jobs))
         me = _Waiting(jobs, actor, asyncio.get_running_loop().create_future())
         self._waiting.append(me)
+        self._waiting_jobs += len(jobs)
         self._kick()
         return await me.done
+
+    def check_room(self, jobs: int) -> None:
+        """Refuse `jobs` more when they would overfill the queue (a submit larger than the
+        whole queue still goes when nothing waits)."""
+        if self._waiting and self._waiting_jobs + jobs > self.max_waiting:
+            raise ResourceExhausted(
+                f"the gateway has {self._waiting_jobs} jobs waiting to be stored, its maximum;"
+                " try again shortly",
+                retry_after_s=1.0,
+            )
 
     def _kick(self) -> None:
         """Start a statement for the waiting submits, unless one is about to take them
@@ -108,6 +135,7 @@ class GroupInsert:
         rows = 0
         while self._waiting and (not batch or rows + len(self._waiting[0].jobs) <= self.max_rows):
             item = self._waiting.popleft()
+            self._waiting_jobs -= len(item.jobs)
             batch.append(item)
             rows += len(item.jobs)
         return batch
@@ -117,10 +145,20 @@ class GroupInsert:
         actors = [item.actor for item in batch for _ in item.jobs]
         try:
             inserted = {r["id"]: r for r in await db.insert_jobs(self.engine, jobs, actors)}
-        except BaseException as exc:  # every submit of the statement gets the error
-            for item in batch:
-                if not item.done.done():
-                    item.done.set_exception(exc)
+        except BaseException as exc:
+            if len(batch) > 1 and is_data_error(exc):
+                # A value of one submit; the statement inserted nothing: find it by halves.
+                log.info(
+                    "a grouped insert refused a value; splitting it", extra={"submits": len(batch)}
+                )
+                half = len(batch) // 2
+                try:
+                    await self._insert(batch[:half])
+                    await self._insert(batch[half:])
+                finally:  # cancelled meanwhile: no submit is left without an answer
+                    _fail(batch, asyncio.CancelledError())
+                return
+            _fail(batch, exc)  # every submit of the statement gets the error
             if not isinstance(exc, Exception):
                 raise
             return
@@ -137,3 +175,10 @@ class GroupInsert:
         """Wait for the statements under way and what follows their commits."""
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _fail(batch: list[_Waiting], exc: BaseException) -> None:
+    """Answer `exc` to the submits of `batch` that have no answer yet."""
+    for item in batch:
+        if not item.done.done():
+            item.done.set_exception(exc)

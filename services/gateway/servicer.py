@@ -30,10 +30,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from conveyor import broker
 from conveyor.auth import Principal, principal
 from conveyor.config import Settings
-from conveyor.convert import job_to_proto, parse_job_id, timestamp
+from conveyor.convert import (
+    check_text,
+    job_to_proto,
+    parse_job_id,
+    timestamp,
+    to_datetime,
+)
 from conveyor.db import jobs as db
+from conveyor.db import operations as ops_db
 from conveyor.db import tenants as tenants_db
-from conveyor.db.engine import DATABASE_ERRORS, once_more_on_disconnect
+from conveyor.db.engine import DATABASE_ERRORS, is_data_error, once_more_on_disconnect
 from conveyor.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -43,12 +50,14 @@ from conveyor.errors import (
     Unavailable,
 )
 from conveyor.events import EventPublisher
-from conveyor.metrics import JOBS_SUBMITTED
+from conveyor.metrics import JOBS_SUBMITTED, RETENTION_PURGED
 from conveyor.outbox import JobQueue
+from conveyor.pricing import cache_saved_micros
 from conveyor.states import CANCELLABLE, RETRYABLE, JobState
 from conveyor.telemetry import context_from_headers, current_ids, tracer
 from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
-from conveyor.validation import validate_submit
+from conveyor.validation import check_strings, validate_submit
+from services.gateway.budgets import TenantBudgets
 from services.gateway.group_insert import GroupInsert
 from services.gateway.quota import SubmitQuota
 
@@ -57,6 +66,8 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 500
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+MAX_REASON_CHARS = 1024
+"""The longest CancelJob reason (it is stored in the job's history)."""
 
 
 def _encode_page_token(row: Mapping[str, Any]) -> str:
@@ -65,11 +76,47 @@ def _encode_page_token(row: Mapping[str, Any]) -> str:
 
 
 def _decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
+    # Anything but what _encode_page_token wrote is refused here, before the query: an
+    # extreme or zoneless time would fail it (the driver's conversion to UTC overflows).
     try:
         created, job_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
-        return datetime.fromisoformat(created), uuid.UUID(job_id)
-    except ValueError:
+        after = datetime.fromisoformat(created)
+        if after.tzinfo is None:
+            raise ValueError("no time zone")
+        return after.astimezone(UTC), uuid.UUID(job_id)
+    except (ValueError, OverflowError):  # binascii.Error and UnicodeError are ValueErrors
         raise InvalidArgument("page_token", "is not a token from ListJobs") from None
+
+
+def _token_totals(tokens: Mapping[str, int]) -> jobs_pb2.Usage:
+    """Usage of token totals by field name (input_tokens, output_tokens, cache_...)."""
+    usage = jobs_pb2.Usage()
+    for name, value in tokens.items():
+        setattr(usage, name, value)
+    return usage
+
+
+COST_WINDOW = timedelta(hours=24)
+"""GetStats's cost window when the request names none: the last 24 hours."""
+
+
+def _cost_stats(row: db.CostRow) -> jobs_pb2.CostStats:
+    """A cost row with its prompt cache report: the share of input read from the cache
+    and what those reads saved against the input price."""
+    tokens = row.tokens
+    read = tokens["cache_read_input_tokens"]
+    total_in = read + tokens["input_tokens"] + tokens["cache_creation_input_tokens"]
+    return jobs_pb2.CostStats(
+        tenant=row.tenant,
+        model=row.model,
+        lane=row.lane,
+        jobs=row.jobs,
+        unpriced_jobs=row.unpriced_jobs,
+        cost_micros=row.cost_micros,
+        tokens=_token_totals(tokens),
+        cache_read_ratio=read / total_in if total_in else 0.0,
+        cache_saved_micros=cache_saved_micros(row.model, read) or 0,
+    )
 
 
 def _duration(seconds: float | None) -> Duration:
@@ -99,10 +146,12 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
             engine,
             after_commit=self._announce,
             interval_s=settings.gateway_group_interval_ms / 1000,
+            max_waiting=settings.gateway_max_waiting_jobs,
         )
         self.quota = quota or SubmitQuota(
             engine, settings.tenant_submit_per_minute, batch_s=settings.rate_limit_batch_s
         )
+        self.budgets = TenantBudgets(engine)
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The caller's tenant, from its API key (see conveyor.auth)."""
@@ -134,9 +183,27 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
                 job.trace_id, job.traceparent = trace_id, traceparent
             if len(new) == 1:
                 span.set_attribute("conveyor.job.id", str(new[0].id))
-            # Over quota: refused whole, before anything is written.
+            # A full group-commit queue or over quota: refused whole, before anything is
+            # written (and before the quota is spent).
+            self.inserts.check_room(len(new))
             await self.quota.admit(tenant, len(new))
-            return await self._store_and_enqueue(new, tenant, batch, self._principal(context).actor)
+            # Over budget: refused whole, nothing written (services.gateway.budgets).
+            reservation = await self.budgets.reserve(tenant, new)
+            if reservation is None:
+                return await self._store_and_enqueue(
+                    new, tenant, batch, self._principal(context).actor
+                )
+            try:
+                results = await self._store_and_enqueue(
+                    new, tenant, batch, self._principal(context).actor
+                )
+            except BaseException:
+                await asyncio.shield(self.budgets.release(reservation, [j.id for j in new]))
+                raise
+            # A replayed idempotency key answers with the first job: no new spend.
+            replayed = [j.id for j, r in zip(new, results, strict=True) if r.idempotent_replay]
+            await self.budgets.release(reservation, replayed)
+            return results
 
     async def _store_and_enqueue(
         self, new: Sequence[db.NewJob], tenant: str, batch: bool, actor: str | None = None
@@ -174,6 +241,12 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         try:
             results = await once_more_on_disconnect(store)
         except DATABASE_ERRORS as exc:
+            if is_data_error(exc):  # a value of these jobs that Postgres refuses (GroupInsert)
+                log.warning("jobs refused by the job store", extra={"error": repr(exc)})
+                raise InvalidArgument(
+                    "jobs" if batch else "request",
+                    "holds a value the job store cannot take; nothing was accepted",
+                ) from exc
             log.error("cannot make jobs durable", extra={"error": repr(exc)})
             raise Unavailable("the job store is unavailable; nothing was accepted") from exc
         return [
@@ -240,7 +313,7 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.GetJobResponse:
         row = await self._get(parse_job_id(request.id), self._tenant(context))
-        return jobs_pb2.GetJobResponse(job=job_to_proto(row))
+        return jobs_pb2.GetJobResponse(job=job_to_proto(row, request=True))
 
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
@@ -255,24 +328,29 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
             statuses.append(JobState.from_proto(s).value)
         if request.lane and request.lane not in self.settings.lanes:
             raise InvalidArgument("lane", f"must be one of {', '.join(self.settings.lanes)}")
+        labels = dict(request.labels)
+        check_strings(labels, "labels")
         flt = db.ListFilter(
             tenant=self._tenant(context),
             statuses=statuses,
             lane=request.lane,
-            created_after=request.created_after.ToDatetime(tzinfo=UTC)
+            created_after=to_datetime(request.created_after, "created_after")
             if request.HasField("created_after")
             else None,
-            created_before=request.created_before.ToDatetime(tzinfo=UTC)
+            created_before=to_datetime(request.created_before, "created_before")
             if request.HasField("created_before")
             else None,
-            labels=dict(request.labels),
+            labels=labels,
         )
         after = _decode_page_token(request.page_token) if request.page_token else None
+        if request.view not in jobs_pb2.JobView.values():
+            raise InvalidArgument("view", "is not a JobView value")
+        full = request.view == jobs_pb2.JOB_VIEW_FULL
         async with self.engine.connect() as conn:
-            rows = await db.list_jobs(conn, flt, size + 1, after)
+            rows = await db.list_jobs(conn, flt, size + 1, after, full=full)
         page, more = rows[:size], len(rows) > size
         return jobs_pb2.ListJobsResponse(
-            jobs=[job_to_proto(r) for r in page],
+            jobs=[job_to_proto(r, content=full, request=full) for r in page],
             next_page_token=_encode_page_token(page[-1]) if more else "",
         )
 
@@ -280,6 +358,9 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.CancelJobResponse:
         job_id = parse_job_id(request.id)
+        check_text(request.reason, "reason")
+        if len(request.reason) > MAX_REASON_CHARS:
+            raise InvalidArgument("reason", f"at most {MAX_REASON_CHARS} characters")
         caller = self._principal(context)
         tenant = caller.tenant
         detail = {"reason": request.reason or "cancelled by CancelJob"}
@@ -333,8 +414,18 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
     ) -> jobs_pb2.GetStatsResponse:
         caller = self._principal(context)
         tenant = request.tenant or caller.tenant
-        if (request.all_tenants or tenant != caller.tenant) and not caller.admin:
-            raise PermissionDenied("only an admin key reads other tenants' statistics")
+        check_text(tenant, "tenant")
+        if (request.all_tenants or tenant != caller.tenant) and not caller.operator:
+            raise PermissionDenied("only an operator key reads other tenants' statistics")
+        until = to_datetime(request.until, "until") if request.HasField("until") else None
+        until = until or datetime.now(UTC)
+        since = (
+            to_datetime(request.since, "since")
+            if request.HasField("since")
+            else until - COST_WINDOW
+        )
+        if since >= until:
+            raise InvalidArgument("since", "must lie before `until`")
         per_tenant: dict[str, tenants_db.TenantSummary] = {}
         async with self.engine.connect() as conn:
             if request.all_tenants:
@@ -343,11 +434,15 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
             else:
                 summary = await db.stats(conn, tenant)
                 names = [tenant]
+            costs = await db.cost_rows(conn, None if request.all_tenants else tenant, since, until)
         response = jobs_pb2.GetStatsResponse(
             run_time_p50=_duration(summary.run_time_p50_s),
             run_time_p95=_duration(summary.run_time_p95_s),
-            tokens=jobs_pb2.Usage(**summary.tokens),
+            tokens=_token_totals(summary.tokens),
             tenant="*" if request.all_tenants else tenant,
+            costs=[_cost_stats(row) for row in costs],
+            since=timestamp(since),
+            until=timestamp(until),
         )
         lanes: dict[str, jobs_pb2.LaneStats] = {
             lane: jobs_pb2.LaneStats(lane=lane) for lane in self.settings.lanes
@@ -358,23 +453,26 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         for name, part in sorted(per_tenant.items()):
             response.tenants.append(
                 jobs_pb2.TenantStats(
-                    tenant=name, counts=part.counts, tokens=jobs_pb2.Usage(**part.tokens)
+                    tenant=name, counts=part.counts, tokens=_token_totals(part.tokens)
                 )
             )
-        # A tenant sees its own queues; the shared lane queues hold every tenant's
-        # jobs, so only all-tenant statistics (or fairness off) count them.
-        shared = request.all_tenants or not self.settings.fair_tenants
+        # A tenant's statistics count its own queues only. The shared lane queues and
+        # the dead-letter queue hold every tenant's messages: only an operator sees
+        # their depths (all-tenant statistics, or any tenant's with fairness off);
+        # anyone else gets them left out (0), never other tenants' figures.
+        shared = caller.operator and (request.all_tenants or not self.settings.fair_tenants)
         wanted: list[tuple[str, str]] = []
         for lane in lanes:
-            wanted += [(lane, broker.tenant_lane_queue(lane, name)) for name in names]
+            if self.settings.fair_tenants:
+                wanted += [(lane, broker.tenant_lane_queue(lane, name)) for name in names]
             if shared:
                 wanted.append((lane, broker.lane_queue(lane)))
-        depths = await queue_depths(
-            self.connection, [q for _, q in wanted] + [broker.DEAD_LETTER_QUEUE]
-        )
+        extra = [broker.DEAD_LETTER_QUEUE] if caller.operator else []
+        depths = await queue_depths(self.connection, [q for _, q in wanted] + extra)
         for lane, queue in wanted:
             lanes[lane].queue_depth += depths.get(queue, 0)
-        response.dead_letter_depth = depths.get(broker.DEAD_LETTER_QUEUE, 0)
+        if caller.operator:
+            response.dead_letter_depth = depths.get(broker.DEAD_LETTER_QUEUE, 0)
         response.lanes.extend(lanes.values())
         return response
 
@@ -402,6 +500,48 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
                 entry.detail.CopyFrom(detail)
             response.entries.append(entry)
         return response
+
+    async def DeleteJob(
+        self, request: jobs_pb2.DeleteJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.DeleteJobResponse:
+        job_id = parse_job_id(request.id)
+        caller = self._principal(context)
+        try:
+            deleted = await ops_db.delete_job(self.engine, job_id, caller.tenant)
+        except ops_db.JobNotFound:
+            raise NotFound(f"job {job_id} not found") from None
+        except ops_db.JobLive as exc:
+            raise FailedPrecondition(
+                f"job {job_id} is {exc.status}; only a finished job can be deleted"
+                " (cancel it first)"
+            ) from None
+        for table, n in deleted.items():
+            if n:
+                RETENTION_PURGED.labels(table).inc(n)
+        log.info("job deleted", extra={"job_id": str(job_id), "actor": caller.actor})
+        return jobs_pb2.DeleteJobResponse()
+
+    async def UpdateJobPriority(
+        self, request: jobs_pb2.UpdateJobPriorityRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.UpdateJobPriorityResponse:
+        job_id = parse_job_id(request.id)
+        if not 0 <= request.priority <= self.settings.max_priority:
+            raise InvalidArgument("priority", f"must be 0..{self.settings.max_priority}")
+        tenant = self._tenant(context)
+        row = await ops_db.set_priority(
+            self.engine, job_id, tenant, request.priority, datetime.now(UTC)
+        )
+        if row is None:
+            current = await self._get(job_id, tenant)
+            raise FailedPrecondition(
+                f"job {job_id} is {current['status']}; only a pending or scheduled job's"
+                " priority can change"
+            )
+        if row["status"] == JobState.PENDING:
+            # Queued again at the new priority; the old message is a duplicate, which
+            # the conditional claim makes harmless (the README says what that means).
+            await self.queue.enqueue([row])
+        return jobs_pb2.UpdateJobPriorityResponse(job=job_to_proto(row))
 
 
 async def queue_depths(connection: AbstractConnection, queues: Sequence[str]) -> dict[str, int]:

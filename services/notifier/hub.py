@@ -165,6 +165,9 @@ class Hub:
         self.tenant_watchers: dict[str, set[Watcher]] = defaultdict(set)
         self.streams = 0
         self.events_seen = 0
+        self.since_ns = time.time_ns()
+        """When this hub began to see the bus (without a break): what was published
+        before then never reaches it."""
 
     # -- watchers
 
@@ -297,16 +300,11 @@ class Hub:
             started_ns=started,
         )
         now_ns = time.time_ns()
-        for seq, index, piece in text.after(text.base_seq):
+        for seq, delta in text.after(text.base_seq):
             if seq > joint:
                 break
             ev = events_pb2.JobEvent(
-                job_id=text.job_id,
-                sequence=seq,
-                tenant=tenant,
-                token_delta=events_pb2.TokenDelta(
-                    text=piece, attempt=text.attempt, output_tokens=index
-                ),
+                job_id=text.job_id, sequence=seq, tenant=tenant, token_delta=delta
             )
             ev.time.FromNanoseconds(now_ns)
             rebuilt.deltas.append(ev)
@@ -322,6 +320,7 @@ class Hub:
         log, and end every stream (UNAVAILABLE) so that its reader resumes."""
         self.logs.clear()
         self.bytes = 0
+        self.since_ns = time.time_ns()
         everyone = {w for subs in self.watchers.values() for w in subs}
         everyone |= {w for subs in self.tenant_watchers.values() for w in subs}
         for watcher in everyone:

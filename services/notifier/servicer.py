@@ -24,7 +24,7 @@ from grpc_status import rpc_status
 
 from conveyor.auth import tenant_of
 from conveyor.config import Settings
-from conveyor.convert import parse_job_id
+from conveyor.convert import check_text, key_field, parse_job_id, to_timedelta
 from conveyor.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from conveyor.metrics import WATCHERS
 from conveyor.v1 import events_pb2, events_pb2_grpc, jobs_pb2
@@ -59,10 +59,13 @@ class FellBehind(ResourceExhausted):
 
 
 def progress_interval(value: Duration | None) -> float:
-    """Seconds between progress reports: unset means every second; clamped to 0.1..60."""
+    """Seconds between progress reports: unset means every second; clamped to 0.1..60.
+
+    A Duration outside its own definition (nanos of 1e9 or more, mixed signs, beyond
+    10,000 years) is InvalidArgument."""
     if value is None:
         return DEFAULT_PROGRESS_S
-    seconds = value.ToTimedelta().total_seconds()
+    seconds = to_timedelta(value, "progress_interval").total_seconds()
     if seconds <= 0:
         return DEFAULT_PROGRESS_S
     return min(MAX_PROGRESS_S, max(MIN_PROGRESS_S, seconds))
@@ -82,12 +85,21 @@ class JobEventsServicer(events_pb2_grpc.JobEventsServicer):
         self.services = services
         self.hub = services.hub
         self.settings = settings
+        self.tenant_streams: dict[str, int] = {}
+        """Open streams per tenant (CONVEYOR_NOTIFIER_MAX_WATCHES_PER_TENANT each)."""
 
     # -- streams
 
     def _watcher(self, tenant: str, *, deltas: bool, labels: dict[str, str] | None) -> Watcher:
         if self.hub.streams >= self.settings.notifier_max_watches:
             raise ResourceExhausted("this notifier serves its maximum of streams; try another")
+        mine = self.tenant_streams.get(tenant, 0)
+        if mine >= self.settings.notifier_max_watches_per_tenant:
+            raise ResourceExhausted(
+                f"your tenant has {mine} open watch streams on this notifier, its maximum;"
+                " close one first"
+            )
+        self.tenant_streams[tenant] = mine + 1
         self.hub.streams += 1
         WATCHERS.inc()
         return Watcher(tenant, self.settings.notifier_watch_buffer, deltas=deltas, labels=labels)
@@ -95,6 +107,11 @@ class JobEventsServicer(events_pb2_grpc.JobEventsServicer):
     def _close(self, watcher: Watcher) -> None:
         self.hub.remove(watcher)
         self.hub.streams -= 1
+        left = self.tenant_streams.get(watcher.tenant, 1) - 1
+        if left > 0:
+            self.tenant_streams[watcher.tenant] = left
+        else:
+            self.tenant_streams.pop(watcher.tenant, None)
         WATCHERS.dec()
 
     async def _live(
@@ -102,7 +119,6 @@ class JobEventsServicer(events_pb2_grpc.JobEventsServicer):
     ) -> AsyncIterator[events_pb2.JobEvent]:
         """Queued live events, progress reports and idle checks until the jobs finish."""
         watcher = stream.watcher
-        idle_s = self.services.settings.idle_check_s
         progress_due = time.monotonic() + stream.progress_s
 
         def done() -> bool:
@@ -129,16 +145,14 @@ class JobEventsServicer(events_pb2_grpc.JobEventsServicer):
                 raise self._fell_behind(stream)
             if done():
                 return
-            wait = min(
-                stream.next_progress_in(), max(0.0, stream.checked_at + idle_s - time.monotonic())
-            )
+            wait = min(stream.next_progress_in(), max(0.0, stream.next_check_at - time.monotonic()))
             await watcher.wait(max(0.01, wait))
             if watcher.queue or watcher.overflowed:
                 continue
             for report in stream.progress(many):
                 yield report
             progress_due = time.monotonic() + stream.progress_s
-            if time.monotonic() - stream.checked_at >= idle_s:
+            if time.monotonic() >= stream.next_check_at:
                 for out in await stream.check():
                     yield out
                     if is_terminal(out) and watcher.labels is not None:
@@ -196,12 +210,15 @@ class JobEventsServicer(events_pb2_grpc.JobEventsServicer):
         labels = dict(request.labels)
         if not ids and not labels:
             raise InvalidArgument("ids", "give ids or labels")
+        for name, text in labels.items():  # a NUL would fail the query for them
+            check_text(name, key_field("labels", name))
+            check_text(text, key_field("labels", name))
         resume: dict[str, int] = {}
         for key, value in request.after_sequences.items():
             if not _is_uuid(key):
-                raise InvalidArgument(f"after_sequences[{key!r}]", "is not a job id")
+                raise InvalidArgument(key_field("after_sequences", key), "is not a job id")
             if value < 0:
-                raise InvalidArgument(f"after_sequences[{key!r}]", "must not be negative")
+                raise InvalidArgument(key_field("after_sequences", key), "must not be negative")
             resume[str(uuid.UUID(key))] = value
         progress_s = progress_interval(
             request.progress_interval if request.HasField("progress_interval") else None

@@ -21,6 +21,8 @@ ends its streams instead (see services.notifier.hub).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections import OrderedDict
@@ -35,11 +37,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from conveyor.catchup import TextSoFarClient
 from conveyor.convert import job_error, job_to_proto
 from conveyor.db import jobs as db
+from conveyor.db.jobs import LOST_ATTEMPT_SEQ_GAP
 from conveyor.db.schema import jobs
 from conveyor.errors import Unavailable
 from conveyor.states import JobState
 from conveyor.v1 import events_pb2, jobs_pb2
 from services.notifier.hub import Hub, JobLog, Watcher
+
+log = logging.getLogger(__name__)
 
 Row = Mapping[str, Any]
 RUNNING = jobs_pb2.JOB_STATUS_RUNNING
@@ -52,6 +57,13 @@ ACTIVE = (JobState.PENDING.value, JobState.SCHEDULED.value, JobState.RUNNING.val
 MAX_LABEL_JOBS = 1000
 FORGET_AFTER = 10_000
 """Finished jobs a label-filtered stream remembers (to drop their late events)."""
+GAP_WAIT_S = 5.0
+"""How long a stored status change may wait for its attempt's last deltas, still on
+their way on the bus (the worker writes the change, then publishes what is left)."""
+GAP_POLL_S = 0.05
+"""While waiting for them: how often the hub's log is looked at again."""
+GAP_RECHECK_S = 0.2
+"""The same for a stream's idle check (it looks at the hub's log only, not Postgres)."""
 
 
 @dataclass
@@ -92,6 +104,11 @@ class Tracker:
     RUNNING event is known (the sources already hold only real attempts)."""
     progress_at: float = 0.0
     progress_tokens: int = -1
+    waiting: list[events_pb2.JobEvent] = field(default_factory=list)
+    """Stored changes read from Postgres and not sent yet: their attempt's last deltas
+    are still on their way on the bus (see Stream.check)."""
+    waiting_since: float | None = None
+    """time.monotonic() when the change waiting for its deltas was first seen."""
 
     def set_row(self, row: Row) -> None:
         state = JobState(row["status"])
@@ -203,15 +220,8 @@ def delta_events(job_id: str, tenant: str, text: Any, after: int) -> list[events
     """A worker's answer (conveyor.catchup.TextSoFar) as the deltas above `after`."""
     out = []
     now_ns = time.time_ns()
-    for seq, index, piece in text.after(after):
-        event = events_pb2.JobEvent(
-            job_id=job_id,
-            sequence=seq,
-            tenant=tenant,
-            token_delta=events_pb2.TokenDelta(
-                text=piece, attempt=text.attempt, output_tokens=index
-            ),
-        )
+    for seq, delta in text.after(after):
+        event = events_pb2.JobEvent(job_id=job_id, sequence=seq, tenant=tenant, token_delta=delta)
         event.time.FromNanoseconds(now_ns)
         out.append(event)
     return out
@@ -225,6 +235,19 @@ def _merged(events: Sequence[events_pb2.JobEvent]) -> list[events_pb2.JobEvent]:
         if held is None or (event.HasField("status_changed") and held.HasField("token_delta")):
             by_seq[event.sequence] = event
     return [by_seq[s] for s in sorted(by_seq)]
+
+
+def gap_attempt(tracker: Tracker, event: events_pb2.JobEvent) -> int | None:
+    """The attempt whose deltas fill the numbers between the last event sent and
+    `event`, if `event` is the change its worker wrote right after its last delta
+    (sequence - 1); None if nothing is missing or the numbers were skipped (an attempt
+    ended by someone else jumps LOST_ATTEMPT_SEQ_GAP ahead: its late deltas are dropped)."""
+    if not event.HasField("status_changed") or event.status_changed.previous != RUNNING:
+        return None
+    missing = event.sequence - tracker.last - 1
+    if missing <= 0 or missing >= LOST_ATTEMPT_SEQ_GAP:
+        return None
+    return int(event.status_changed.attempt)
 
 
 # --------------------------------------------------------------------------- reads
@@ -284,6 +307,82 @@ class Stream:
         self.forgotten: OrderedDict[str, int] = OrderedDict()
         self.excluded: OrderedDict[str, None] = OrderedDict()
         self.checked_at = time.monotonic()
+        self.next_check_at = self.checked_at + services.settings.idle_check_s
+        """When the live loop calls `check` next (sooner while a change waits for deltas);
+        Postgres is read again idle_check_s after `checked_at`."""
+
+    # -- sending stored changes in order
+
+    def _held_before(
+        self, tracker: Tracker, attempt: int, event: events_pb2.JobEvent
+    ) -> tuple[list[events_pb2.JobEvent], bool, bool]:
+        """The attempt's deltas the hub holds between the last event sent and `event`;
+        whether that is all of them (the log reaches `event`'s sequence - 1); whether the
+        bus may still bring the rest (this notifier's log may still reach them)."""
+        held = self.hub.logs.get(tracker.job_id)
+        if held is None or held.attempt < attempt:
+            # The attempt's events have not arrived yet, unless they came before this
+            # notifier saw the bus (the change was written earlier).
+            return [], False, event.time.ToNanoseconds() > self.hub.since_ns
+        if held.attempt > attempt or not held.covers(tracker.last):
+            return [], False, False  # replaced or trimmed: not from this log
+        deltas = [e for e in held.after(tracker.last) if e.sequence < event.sequence]
+        complete = held.last_seq >= event.sequence - 1
+        return deltas, complete, not complete
+
+    def _gap_deadline(self, tracker: Tracker, event: events_pb2.JobEvent) -> float:
+        """time.monotonic() until which the deltas before a stored change may still come
+        on the bus: GAP_WAIT_S after the stream first saw the change (the worker writes it,
+        then publishes its last deltas), unless it is older than the hub keeps an ended
+        attempt's log (then they are in the log or nowhere)."""
+        now = time.monotonic()
+        age_s = (time.time_ns() - event.time.ToNanoseconds()) / 1e9
+        if event.HasField("time") and age_s > self.hub.linger_s:
+            return now
+        if tracker.waiting_since is None:
+            tracker.waiting_since = now
+        return tracker.waiting_since + GAP_WAIT_S
+
+    async def _in_order(
+        self, tracker: Tracker, events: Sequence[events_pb2.JobEvent], *, wait: bool
+    ) -> list[events_pb2.JobEvent]:
+        """`events` (by sequence number) that follow what was sent, each status change
+        after its attempt's last deltas: those the bus has not brought yet are waited
+        for (GAP_WAIT_S after the change at most; with `wait` False, by returning early
+        and checking again soon). What never comes (a publish lost) is left out: the
+        change that ends the job carries its whole result."""
+        out: list[events_pb2.JobEvent] = []
+        tracker.waiting = []
+        for event in events:
+            if event.sequence <= tracker.last:
+                continue
+            attempt = gap_attempt(tracker, event) if self.watcher.deltas else None
+            if attempt is not None:
+                deadline = self._gap_deadline(tracker, event)
+                while True:
+                    deltas, complete, coming = self._held_before(tracker, attempt, event)
+                    if complete or not coming or time.monotonic() >= deadline:
+                        break
+                    if not wait:  # `check` tries again soon, from the hub's log only
+                        tracker.waiting = [e for e in events if e.sequence >= event.sequence]
+                        return out
+                    await asyncio.sleep(GAP_POLL_S)
+                if not complete and coming:  # lost on the way (a failed publish)
+                    log.warning(
+                        "token deltas before a status change never arrived; sent without them",
+                        extra={
+                            "job_id": tracker.job_id,
+                            "attempt": attempt,
+                            "after": tracker.last,
+                            "sequence": event.sequence,
+                        },
+                    )
+                out += [d for d in deltas if tracker.accept(d)]
+                tracker.waiting_since = None
+            event = normalized(event)
+            if tracker.accept(event):
+                out.append(event)
+        return out
 
     # -- opening a job
 
@@ -305,9 +404,7 @@ class Stream:
             ]
         if self.watcher.deltas:
             pending += await self._deltas_since(row, start)
-        for event in _merged(pending):
-            if tracker.accept(event):
-                out.append(event)
+        out += await self._in_order(tracker, _merged(pending), wait=True)
         tracker.loose = False
         tracker.set_row(row)
         if tracker.running is not None:
@@ -424,11 +521,9 @@ class Stream:
                     items += delta_events(job_id, tracker.tenant, text, need)
                     if event.sequence <= text.last_seq:
                         items.remove(event)  # its pieces are in the answer
-        elif self.watcher.deltas:
-            held = self.hub.logs.get(job_id)
-            if held is not None and held.attempt == tracker.running:
-                items += [e for e in held.after(tracker.last) if e.sequence < event.sequence]
-        return [e for e in _merged(items) if tracker.accept(normalized(e))]
+            return [e for e in _merged(items) if tracker.accept(normalized(e))]
+        # A status change: each stored change before it, after its attempt's deltas.
+        return await self._in_order(tracker, _merged(items), wait=True)
 
     def _exclude(self, job_id: str) -> None:
         self.excluded[job_id] = None
@@ -475,19 +570,37 @@ class Stream:
         return max(0.0, min(due)) if due else self.progress_s
 
     async def check(self) -> list[events_pb2.JobEvent]:
-        """Re-read the unfinished jobs: send status changes the bus did not bring."""
-        self.checked_at = time.monotonic()
-        open_ids = [uuid.UUID(t.job_id) for t in self.trackers.values() if not t.terminal]
+        """Re-read the unfinished jobs: send status changes the bus did not bring, each
+        after the deltas before it. A change whose deltas are still on their way on the
+        bus waits for them (in `Tracker.waiting`): the next check comes soon and looks
+        at the hub's log only; Postgres is read every idle_check_s."""
+        idle_s = self.services.settings.idle_check_s
+        out: list[events_pb2.JobEvent] = []
+        for tracker in list(self.trackers.values()):
+            if tracker.waiting:
+                out += await self._in_order(tracker, tracker.waiting, wait=False)
+        now = time.monotonic()
+        if now >= self.checked_at + idle_s:
+            self.checked_at = now
+            out += await self._read_changes()
+        self.next_check_at = self.checked_at + idle_s
+        if any(t.waiting for t in self.trackers.values()):
+            self.next_check_at = min(self.next_check_at, time.monotonic() + GAP_RECHECK_S)
+        return out
+
+    async def _read_changes(self) -> list[events_pb2.JobEvent]:
+        """The stored changes of the unfinished jobs that the bus did not bring."""
+        engine = self.services.engine
+        open_ids = [
+            uuid.UUID(t.job_id) for t in self.trackers.values() if not t.terminal and not t.waiting
+        ]
         if not open_ids:
             return []
-        rows = await load_rows(self.services.engine, self.tenant, open_ids)
         out: list[events_pb2.JobEvent] = []
-        for job_id, row in rows.items():
-            tracker = self.trackers.get(job_id)
-            if tracker is None or row["seq"] <= tracker.status_seq:
+        for job_id, row in (await load_rows(engine, self.tenant, open_ids)).items():
+            found = self.trackers.get(job_id)
+            if found is None or row["seq"] <= found.status_seq:
                 continue
-            for h in await load_history(self.services.engine, job_id, tracker.last):
-                event = history_event(h, row)
-                if tracker.accept(event):
-                    out.append(event)
+            history = await load_history(engine, job_id, found.last)
+            out += await self._in_order(found, [history_event(h, row) for h in history], wait=False)
         return out

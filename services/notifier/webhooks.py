@@ -13,16 +13,25 @@ on the Conveyor-Delivery header.
 
 Isolation: each message is handled in its own task, the queue's prefetch bounds
 the tasks in flight, every attempt has a total timeout, and a host that already
-has `webhook_per_host` attempts in flight gets its further deliveries deferred
-(without counting an attempt) instead of taking every slot: a slow or silent
-receiver delays only its own deliveries.
+has `webhook_per_host` attempts in flight, or a tenant that has `webhook_per_tenant`,
+gets its further deliveries deferred (without counting an attempt) instead of
+taking every slot: a slow or silent receiver delays only its own deliveries. A
+host is counted by the address its name resolves to, so that many names of one
+machine (wildcard subdomains, `127.1` and `localhost`, ...) share one count.
+
+Signing: each delivery is signed with its tenant's secrets (conveyor.webhooks),
+read from `webhook_secrets` and opened with CONVEYOR_WEBHOOK_SECRETS_KEY, cached for
+`webhook_secrets_cache_s`. A tenant without a secret gets no POST: the attempt fails and is
+retried until the retry window ends (never unsigned, never another tenant's secret).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import os
 import socket
 import time
 import uuid
@@ -42,8 +51,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from conveyor.broker import WEBHOOKS_QUEUE
 from conveyor.config import Settings
 from conveyor.db.jobs import utcnow
+from conveyor.db.tenants import signing_secrets
 from conveyor.webhooks import (
     IPNetwork,
+    SecretBox,
     WebhookRefused,
     address_refusal,
     event_type,
@@ -59,6 +70,9 @@ USER_AGENT = "Conveyor-Webhooks/1"
 MAX_RESPONSE_BYTES = 64 * 1024
 """Of a receiver's answer, read and discarded (never stored)."""
 RELAY_BATCH = 500
+HOST_KEY_CACHE_S = 10.0
+"""How long the address a receiving host resolves to is kept (as aiohttp's DNS cache)."""
+HOST_KEY_CACHE_MAX = 10_000
 
 _DUE = sa.text(
     """
@@ -152,13 +166,29 @@ class GuardedResolver(AbstractResolver):
 
 
 def _is_ip(host: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(host)
     except ValueError:
         return False
     return True
+
+
+def address_key(address: str) -> str:
+    """An address as counted by the per-host cap: IPv4 mapped into IPv6 as IPv4, zone dropped."""
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
+            address.split("%", 1)[0]
+        )
+    except ValueError:
+        return address.lower()
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+class NoSigningSecret(RuntimeError):
+    """The tenant has no signing secret (or the notifier has no key to open it): the
+    attempt fails and is retried, so a secret made within the retry window delivers."""
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -177,9 +207,14 @@ class WebhookSender:
         self.engine = engine
         self.name = name
         self.allowed = parse_networks(settings.webhook_allow_cidrs)
-        secret = settings.webhook_secret
-        self.secret = secret.get_secret_value().encode() if secret is not None else None
+        key = settings.webhook_secrets_key
+        # A key too short raises here: the notifier refuses to start.
+        self.box = SecretBox(key.get_secret_value()) if key is not None else None
+        self.secrets: dict[str, tuple[float, list[bytes]]] = {}
+        self.host_keys: dict[str, tuple[float, str]] = {}
+        self.resolver: AbstractResolver | None = None
         self.busy: Counter[str] = Counter()
+        self.busy_tenants: Counter[str] = Counter()
         self.tasks: set[asyncio.Task[None]] = set()
         self.session: aiohttp.ClientSession | None = None
         self.channel: AbstractChannel | None = None
@@ -190,8 +225,14 @@ class WebhookSender:
 
     async def start(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
         """Consume `queue` on `channel` (a channel of its own, with publisher confirms)."""
-        if self.secret is None:
-            log.warning("CONVEYOR_WEBHOOK_SECRET is not set: webhook deliveries will fail")
+        if self.box is None:
+            log.warning("CONVEYOR_WEBHOOK_SECRETS_KEY is not set: webhook deliveries will fail")
+        if os.environ.get("CONVEYOR_WEBHOOK_SECRET"):
+            log.warning(
+                "CONVEYOR_WEBHOOK_SECRET is no longer used: each tenant has its own secret"
+                " (conveyor webhooks secret rotate --tenant ...)"
+            )
+        self.resolver = aiohttp.ThreadedResolver()
         connector = aiohttp.TCPConnector(
             resolver=GuardedResolver(self.settings.webhook_allow_private, self.allowed),
             limit=self.settings.webhook_concurrency,
@@ -215,6 +256,8 @@ class WebhookSender:
             task.cancel()
         if self.session is not None:
             await self.session.close()
+        if self.resolver is not None:
+            await self.resolver.close()
 
     # -- relay
 
@@ -297,30 +340,79 @@ class WebhookSender:
             await self._give_up(delivery_id, "gave up: the retry window is over")
             return
         host = (urlsplit(row["url"]).hostname or "").lower()
-        if self.busy[host] >= settings.webhook_per_host:
+        host_key = await self.host_key(host)
+        tenant = row["tenant"]
+        if (
+            self.busy[host_key] >= settings.webhook_per_host
+            or self.busy_tenants[tenant] >= settings.webhook_per_tenant
+        ):
             wait_s = min(5.0, max(0.2, settings.webhook_timeout_s / 2))
             async with self.engine.connect() as conn:
                 await conn.execute(_DEFER, {"id": delivery_id, "wait_s": wait_s})
             return
-        async with self.engine.connect() as conn:
-            claimed = (
-                (
-                    await conn.execute(
-                        _CLAIM, {"id": delivery_id, "lock_s": settings.webhook_timeout_s + 30}
-                    )
-                )
-                .mappings()
-                .first()
-            )
-        if claimed is None:
-            return  # delivered meanwhile, or another notifier is at it
-        self.busy[host] += 1
+        # Taken before the claim (no await between the check and this), so concurrent
+        # deliveries cannot all pass the check.
+        self.busy[host_key] += 1
+        self.busy_tenants[tenant] += 1
         try:
+            async with self.engine.connect() as conn:
+                claimed = (
+                    (
+                        await conn.execute(
+                            _CLAIM, {"id": delivery_id, "lock_s": settings.webhook_timeout_s + 30}
+                        )
+                    )
+                    .mappings()
+                    .first()
+                )
+            if claimed is None:
+                return  # delivered meanwhile, or another notifier is at it
             await self._attempt(dict(claimed), host)
         finally:
-            self.busy[host] -= 1
-            if self.busy[host] <= 0:
-                del self.busy[host]
+            for counter, name in ((self.busy, host_key), (self.busy_tenants, tenant)):
+                counter[name] -= 1
+                if counter[name] <= 0:
+                    del counter[name]
+
+    async def host_key(self, host: str) -> str:
+        """What the per-host cap counts `host` as: the first address it resolves to (the
+        one connected to first), or the name itself if it does not resolve (the attempt
+        then fails on its own)."""
+        if _is_ip(host):
+            return address_key(host)
+        now = time.monotonic()
+        cached = self.host_keys.get(host)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        assert self.resolver is not None, "start() first"
+        try:
+            results = await self.resolver.resolve(host, 0, socket.AF_UNSPEC)
+            key = address_key(results[0]["host"]) if results else host
+        except OSError:
+            key = host
+        if len(self.host_keys) >= HOST_KEY_CACHE_MAX:
+            self.host_keys.clear()
+        self.host_keys[host] = (now + HOST_KEY_CACHE_S, key)
+        return key
+
+    async def signing_keys(self, tenant: str) -> list[bytes]:
+        """The tenant's secrets that sign now, newest first. Kept for
+        `webhook_secrets_cache_s`; none is not kept, so a tenant's first secret counts at
+        once."""
+        now = time.monotonic()
+        cached = self.secrets.get(tenant)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        if self.box is None:
+            raise NoSigningSecret("CONVEYOR_WEBHOOK_SECRETS_KEY is not set on this notifier")
+        async with self.engine.connect() as conn:
+            rows = await signing_secrets(conn, tenant)
+        keys = [self.box.open(tenant, str(r["id"]), r["sealed"]) for r in rows]
+        if keys:
+            if len(self.secrets) >= HOST_KEY_CACHE_MAX:
+                self.secrets.clear()
+            self.secrets[tenant] = (now + self.settings.webhook_secrets_cache_s, keys)
+        return keys
 
     async def _attempt(self, row: dict[str, Any], host: str) -> None:
         settings = self.settings
@@ -332,8 +424,6 @@ class WebhookSender:
         permanent = False
         retry_after: float | None = None
         try:
-            if self.secret is None:
-                raise RuntimeError("webhook secret not configured (CONVEYOR_WEBHOOK_SECRET)")
             parts = urlsplit(row["url"])
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise WebhookRefused(f"not an http(s) URL: {row['url']!r}")
@@ -341,6 +431,12 @@ class WebhookSender:
                 why = address_refusal(parts.hostname, settings.webhook_allow_private, self.allowed)
                 if why is not None:
                     raise WebhookRefused(why)
+            keys = await self.signing_keys(row["tenant"])
+            if not keys:
+                raise NoSigningSecret(
+                    f"tenant {row['tenant']} has no webhook signing secret"
+                    f" (conveyor webhooks secret rotate --tenant {row['tenant']})"
+                )
             body = webhook_body(
                 delivery_id,
                 row["event"],
@@ -349,7 +445,7 @@ class WebhookSender:
                 row["job"],
                 row["created_at"],
             )
-            headers = signed_headers(self.secret, body, delivery_id, event_type(row["event"]))
+            headers = signed_headers(keys, body, delivery_id, event_type(row["event"]))
             assert self.session is not None
             async with self.session.post(
                 row["url"],
@@ -367,7 +463,9 @@ class WebhookSender:
             error, permanent = f"refused: {exc}", True
         except TimeoutError:
             error = f"timeout: no answer within {settings.webhook_timeout_s:g} s"
-        except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+        except NoSigningSecret as exc:
+            error = f"not signed: {exc}"
+        except (aiohttp.ClientError, OSError, RuntimeError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         latency_ms = (time.perf_counter() - t0) * 1000
         next_at = None

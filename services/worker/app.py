@@ -12,48 +12,115 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor import broker
 from conveyor.catchup import serve_text_requests
 from conveyor.config import Settings
-from conveyor.db import jobs as db
-from conveyor.db.engine import is_disconnect
+from conveyor.control import DRAIN_KEY, LANES_BINDING
+from conveyor.db import operations as ops_db
+from conveyor.db.engine import is_transient
 from conveyor.events import EventPublisher
 from conveyor.runtime import backing_services
 from services.worker.consumers import TenantConsumers, refresh_forever
 from services.worker.limiter import ProviderLimiter
 from services.worker.provider import Provider
-from services.worker.runner import JobRunner
+from services.worker.runner import JobRunner, lease_hold_s
 
 log = logging.getLogger(__name__)
 
 
-async def _heartbeat(runner: JobRunner, interval_s: float) -> None:
-    """Renew the leases of running jobs; abort those whose cancel was requested."""
+async def _heartbeat(runner: JobRunner, interval_s: float, lease_s: float) -> None:
+    """Renew the leases of running jobs once per interval; abort the calls whose lease
+    was lost or whose cancel was requested.
+
+    A renewal runs in a task of its own, so that one held up by an unreachable database
+    does not hold up the check that aborts the calls whose lease can no longer be
+    proven (no renewal within `lease_hold_s`): the sweeper may requeue those jobs.
+    """
+    hold_s = lease_hold_s(lease_s, interval_s)
+    renewing: asyncio.Task[None] | None = None
+    try:
+        while True:
+            await asyncio.sleep(interval_s)
+            runner.abort_unrenewed(hold_s)
+            if renewing is None or renewing.done():
+                renewing = asyncio.create_task(_renew(runner))
+    finally:
+        if renewing is not None:
+            renewing.cancel()
+
+
+async def _renew(runner: JobRunner) -> None:
+    try:
+        await runner.renew_leases()
+    except Exception as exc:
+        log.warning("heartbeat failed", extra={"error": repr(exc)})
+
+
+PAUSED_HOLD_S = 1.0
+"""A delivery of a paused lane from a shared queue (which cannot be paused per tenant)
+waits this long before it goes back, so that it does not circle at full speed."""
+
+
+def _delivery_tenant(message: AbstractIncomingMessage) -> tuple[str, str, bool]:
+    """(lane, tenant, from a shared queue) of a job delivery; tenant "" if unreadable."""
+    lane, _, tenant = (message.routing_key or "").partition(".")
+    if tenant:
+        return lane, tenant, False
+    try:
+        return lane, broker.JobMessage.decode(message.body).tenant, True
+    except ValueError:
+        return lane, "", True
+
+
+async def _register(
+    engine: AsyncEngine,
+    worker_id: str,
+    settings: Settings,
+    in_flight: Callable[[], int],
+    drain: Callable[[], None],
+) -> None:
+    """Upsert this worker's row every heartbeat (ListWorkers reads them); a drain
+    requested in the row starts the drain (the control message may have been lost)."""
+    started = datetime.now(UTC)
     while True:
-        await asyncio.sleep(interval_s)
-        leases = [e.lease for e in list(runner.inflight.values())]
         try:
-            for job_id in await db.heartbeat(runner.engine, leases):
-                runner.cancel(job_id)
-        except Exception as exc:
-            log.warning("heartbeat failed", extra={"error": repr(exc)})
+            if await ops_db.worker_heartbeat(
+                engine,
+                worker_id,
+                socket.gethostname(),
+                os.getpid(),
+                settings.worker_lanes,
+                in_flight(),
+                settings.worker_concurrency,
+                started,
+                datetime.now(UTC),
+            ):
+                drain()
+        except Exception as exc:  # Postgres away: the next heartbeat writes it
+            log.warning("worker row not written", extra={"error": repr(exc)})
+        await asyncio.sleep(settings.worker_heartbeat_s)
 
 
 async def _guarded(runner: JobRunner, message: AbstractIncomingMessage) -> None:
-    """Run a job. A lost database or broker connection hands the message back (the
-    job is not at fault); any other unexpected error dead-letters it instead of
-    leaving it stuck."""
+    """Run a job. A lost database or broker connection, or a database statement that
+    timed out, hands the message back (the job is not at fault); any other unexpected
+    error dead-letters it instead of leaving it stuck."""
     try:
         await runner.handle(message)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        if is_disconnect(exc) or isinstance(exc, AMQPError):
+        if is_transient(exc) or isinstance(exc, AMQPError):
             log.warning(
                 "job handed back after a lost connection",
                 extra={"message_id": message.message_id, "error": repr(exc)},
@@ -72,6 +139,7 @@ async def _guarded(runner: JobRunner, message: AbstractIncomingMessage) -> None:
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     provider = Provider(settings)
     tasks: set[asyncio.Task[None]] = set()
+    worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     try:
         async with backing_services(settings, "worker") as (engine, connection):
             channel = await connection.channel()
@@ -95,7 +163,23 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 on_tenant_full=on_tenant_full,
             )
 
+            async def hold_back(message: AbstractIncomingMessage, hold_s: float) -> None:
+                await asyncio.sleep(hold_s)
+                with contextlib.suppress(Exception):  # a closed channel requeues it anyway
+                    await message.nack(requeue=True)
+
             async def on_job(message: AbstractIncomingMessage) -> None:
+                if consumers is not None and consumers.lane_pauses:
+                    lane, tenant, shared = _delivery_tenant(message)
+                    if consumers.lane_paused(lane, tenant):
+                        # Delivered just before its lane was paused: back to the queue,
+                        # still pending.
+                        held = asyncio.create_task(
+                            hold_back(message, PAUSED_HOLD_S if shared else 0.0)
+                        )
+                        tasks.add(held)
+                        held.add_done_callback(tasks.discard)
+                        return
                 task = asyncio.create_task(_guarded(runner, message))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -114,17 +198,57 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             consumers = TenantConsumers(
                 channel, settings.worker_lanes, settings.max_priority, on_job
             )
+            await consumers.refresh_pauses(engine)  # before consuming anything
             await consumers.consume_shared(topology.lanes)
+
+            draining: asyncio.Task[None] | None = None
+
+            async def drain_then_stop() -> None:
+                """Take no new jobs, let the calls in flight finish, then stop."""
+                assert consumers is not None
+                log.info("draining: no new jobs", extra={"in_flight": len(tasks)})
+                await consumers.stop()
+                while tasks and not stop.is_set():
+                    await asyncio.wait(set(tasks), timeout=1.0)
+                log.info("drained")
+                stop.set()
+
+            def drain() -> None:
+                nonlocal draining
+                if draining is None:
+                    draining = asyncio.create_task(drain_then_stop())
+
+            async def on_operations(message: AbstractIncomingMessage) -> None:
+                if message.routing_key == DRAIN_KEY:
+                    if message.body.decode(errors="replace") == worker_id:
+                        drain()
+                    return
+                try:
+                    assert consumers is not None
+                    await consumers.refresh_pauses(engine)
+                except Exception as exc:  # the periodic refresh reads them again
+                    log.warning("lane pauses not read", extra={"error": repr(exc)})
+
+            operations = await events_channel.declare_queue(exclusive=True, auto_delete=True)
+            await operations.bind(events_exchange, LANES_BINDING)
+            await operations.bind(events_exchange, DRAIN_KEY)
+            await operations.consume(on_operations, no_ack=True)
+            registering = asyncio.create_task(
+                _register(engine, worker_id, settings, lambda: len(runner.inflight), drain)
+            )
             await consumers.listen(events_channel, events_exchange)
             await consumers.refresh(engine)
             refreshing = asyncio.create_task(
                 refresh_forever(consumers, engine, settings.tenant_refresh_s, stop)
             )
             limiting = asyncio.create_task(limiter.run(stop))
-            heartbeat = asyncio.create_task(_heartbeat(runner, settings.worker_heartbeat_s))
+            heartbeat = asyncio.create_task(
+                _heartbeat(runner, settings.worker_heartbeat_s, settings.lease_s)
+            )
             log.info(
                 "worker ready",
                 extra={
+                    "worker_id": worker_id,
                     "lanes": list(settings.worker_lanes),
                     "concurrency": settings.worker_concurrency,
                     "tenants": len(consumers.tenants),
@@ -147,6 +271,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                     await asyncio.wait(pending, timeout=10)
                     log.info("handed back unfinished jobs", extra={"count": len(pending)})
             heartbeat.cancel()
+            registering.cancel()
+            if draining is not None:
+                await draining
+            with contextlib.suppress(Exception):  # it ages out of ListWorkers anyway
+                await ops_db.forget_worker(engine, worker_id)
             await refreshing
             await limiting
     finally:

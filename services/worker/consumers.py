@@ -9,6 +9,11 @@ Tenants are learnt three ways: the tenants table at start and every
 tenant's queues, and the answers to the query this worker sends at start. A
 tenant at its concurrency limit is paused here (its consumers cancelled) for a
 backoff that grows while it keeps hitting the limit.
+
+A paused lane (conveyor.db.operations lane pauses, of one tenant or of every
+tenant) is not consumed: its jobs wait in their queues, pending. The pauses are
+read from Postgres at start, with the tenant list, and when a control message
+says they changed (conveyor.control), so a restarted worker respects them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor import broker
 from conveyor.auth import TENANT_NAME
+from conveyor.db.operations import ALL_TENANTS, lane_pause_rows
 from conveyor.db.tenants import tenant_names
 
 log = logging.getLogger(__name__)
@@ -55,13 +61,22 @@ class TenantConsumers:
         """tenant -> (when it was last paused, that pause)."""
         self._lock = asyncio.Lock()
         self._shared: list[tuple[AbstractQueue, str]] = []
+        self._shared_queues: dict[str, AbstractQueue] = {}
+        self.lane_pauses: frozenset[tuple[str, str]] = frozenset()
+        """(tenant or ALL_TENANTS, lane) pairs not consumed."""
         self.stopped = False
 
     async def consume_shared(self, queues: dict[str, AbstractQueue]) -> None:
         """Consume the shared lane queues (jobs published with fairness off)."""
         for lane in self.lanes:
             queue = queues[lane]
-            self._shared.append((queue, await queue.consume(self.on_message)))
+            self._shared_queues[lane] = queue
+            if not self.lane_paused(lane, ALL_TENANTS):
+                self._shared.append((queue, await queue.consume(self.on_message)))
+
+    def lane_paused(self, lane: str, tenant: str) -> bool:
+        """Whether a tenant's lane is paused (its own pause or the every-tenant one)."""
+        return (ALL_TENANTS, lane) in self.lane_pauses or (tenant, lane) in self.lane_pauses
 
     async def add(self, tenant: str) -> None:
         """Start consuming a tenant's lane queues (declaring them); idempotent."""
@@ -82,9 +97,54 @@ class TenantConsumers:
 
     async def _consume(self, tenant: str) -> None:
         tags = []
-        for queue in self._queues[tenant].values():
-            tags.append((queue, await queue.consume(self.on_message)))
+        for lane, queue in self._queues[tenant].items():
+            if not self.lane_paused(lane, tenant):
+                tags.append((queue, await queue.consume(self.on_message)))
         self._tags[tenant] = tags
+
+    async def refresh_pauses(self, engine: AsyncEngine) -> None:
+        """Read the lane pauses and start or stop consuming the lanes they name."""
+        async with engine.connect() as conn:
+            rows = await lane_pause_rows(conn)
+        await self.set_lane_pauses(frozenset((r["tenant"], r["lane"]) for r in rows))
+
+    async def set_lane_pauses(self, pauses: frozenset[tuple[str, str]]) -> None:
+        """Consume exactly the lanes not paused (a tenant paused for its concurrency
+        limit stays paused: its resume consumes the lanes not paused then)."""
+        if pauses == self.lane_pauses or self.stopped:
+            self.lane_pauses = pauses
+            return
+        async with self._lock:
+            before, self.lane_pauses = self.lane_pauses, pauses
+            # The shared lane queues follow the every-tenant pauses.
+            for lane, queue in self._shared_queues.items():
+                await self._follow(self._shared, lane, queue, self.lane_paused(lane, ALL_TENANTS))
+            for tenant in self.tenants:
+                if tenant in self._paused:
+                    continue
+                tags = self._tags.setdefault(tenant, [])
+                for lane, queue in self._queues[tenant].items():
+                    await self._follow(tags, lane, queue, self.lane_paused(lane, tenant))
+        log.info(
+            "lane pauses",
+            extra={
+                "paused": sorted(f"{t}/{lane}" for t, lane in pauses),
+                "lifted": sorted(f"{t}/{lane}" for t, lane in before - pauses),
+            },
+        )
+
+    async def _follow(
+        self, tags: list[tuple[AbstractQueue, str]], lane: str, queue: AbstractQueue, paused: bool
+    ) -> None:
+        """Cancel or start the consumer of one queue so that it matches `paused`."""
+        current = [(q, tag) for q, tag in tags if q is queue]
+        if paused:
+            for item in current:
+                tags.remove(item)
+                with contextlib.suppress(Exception):  # a closed channel consumes nothing
+                    await queue.cancel(item[1])
+        elif not current:
+            tags.append((queue, await queue.consume(self.on_message)))
 
     async def refresh(self, engine: AsyncEngine) -> None:
         """Consume every tenant of the tenants table."""
@@ -92,6 +152,7 @@ class TenantConsumers:
             names = await tenant_names(conn)
         for tenant in names:
             await self.add(tenant)
+        await self.refresh_pauses(engine)  # catches a control message that was lost
 
     async def pause(self, tenant: str) -> float:
         """Stop taking a tenant's jobs for a while (it is at its concurrency limit).

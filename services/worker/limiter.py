@@ -16,8 +16,11 @@ settles both estimates (the difference goes back to, or is taken from, the pool)
 Limits come from CONVEYOR_RATE_LIMITS and from the provider's
 `anthropic-ratelimit-<dimension>-limit` headers; the lower wins. A learnt limit
 is written to the bucket, so every worker uses it, and a low `-remaining` lowers
-the bucket's level. A model whose limits nobody knows yet is probed: one call at
-a time per worker until the first answer's headers arrive. A 429 that still
+the bucket's level. Models are keyed by `conveyor.metrics.ModelNames`: a model
+neither known nor allowed shares the `other` buckets (and state), so invented
+names cannot grow the limiter's memory or the bucket table. A model whose limits
+nobody knows yet is probed: one call at a time per worker until the first
+answer's headers arrive. A 429 that still
 happens blocks the model's buckets for its retry-after, in every worker, and
 empties the exhausted ones. Unless the provider's answers say otherwise: a 429
 that comes within PLENTY_RECENT_S of an answer showing budget to spare (at least
@@ -40,10 +43,11 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from conveyor import request_body
 from conveyor.budget import BucketStore, Definition, LocalBudget
 from conveyor.config import Settings
-from conveyor.db.engine import is_disconnect
-from conveyor.metrics import PROVIDER_THROTTLED, RATE_LIMIT_WAIT
+from conveyor.db.engine import is_transient
+from conveyor.metrics import PROVIDER_THROTTLED, RATE_LIMIT_WAIT, ModelNames
 from conveyor.telemetry import tracer
 
 log = logging.getLogger(__name__)
@@ -73,16 +77,10 @@ def bucket_name(model: str, dimension: str) -> str:
 
 
 def estimate_input_tokens(body: Mapping[str, Any]) -> int:
-    """Input tokens of a Messages API body, estimated as characters / 4 (at least 1)."""
-    chars = 0
-    system = body.get("system")
-    if isinstance(system, str):
-        chars += len(system)
-    for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if isinstance(content, str):
-            chars += len(content)
-    return max(1, math.ceil(chars / 4))
+    """Input tokens of a Messages API body, estimated before the call: text at characters
+    / 4, images by their pixels, PDFs by their pages, tools by their JSON (the formula:
+    conveyor.request_body.estimate)."""
+    return request_body.estimate_input_tokens(dict(body))
 
 
 def parse_limits(headers: Mapping[str, str] | None) -> dict[str, tuple[float, float | None]]:
@@ -168,6 +166,7 @@ class ProviderLimiter:
         self.burst_s = settings.rate_limit_burst_s
         self.models: dict[str, _Model] = {}
         self._loading: dict[str, asyncio.Future[_Model]] = {}
+        self.names = ModelNames.from_settings(settings)
 
     def configured_for(self, model: str) -> dict[str, float]:
         return {**self.configured.get("*", {}), **self.configured.get(model, {})}
@@ -224,13 +223,15 @@ class ProviderLimiter:
         """Wait until the call fits the model's budget, and take it.
 
         While Postgres is unreachable it waits too (the job keeps its attempt).
+        A model neither known nor allowed takes the `other` budget.
         """
+        model = self.names(model)
         while True:
             try:
                 state = await self._model(model)
                 break
             except Exception as exc:
-                if not is_disconnect(exc):
+                if not is_transient(exc):
                     raise
                 log.warning("rate limits unavailable; waiting", extra={"error": repr(exc)})
                 await asyncio.sleep(DB_RETRY_S)
@@ -289,7 +290,7 @@ class ProviderLimiter:
                     try:
                         wait = await budget.fill(needs)
                     except Exception as exc:
-                        if not is_disconnect(exc):
+                        if not is_transient(exc):
                             raise
                         log.warning("rate limits unavailable; waiting", extra={"error": repr(exc)})
                         wait = DB_RETRY_S

@@ -3,10 +3,16 @@ the classification of its failures into transient (retry) and permanent (fail).
 
 The SDK's own retries are off (`max_retries=0`): it would sleep a whole
 `retry-after` while holding a worker slot; retries happen at the job level.
+
+Which API answers is the explicit setting CONVEYOR_PROVIDER: `simulator` (the
+bundled stand-in) or `anthropic`. A worker set to `anthropic` without an
+ANTHROPIC_API_KEY refuses to start (`check_provider`), rather than quietly
+calling the simulator; the simulator never receives the real key.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,9 +21,11 @@ import aiohttp
 import anthropic
 import httpx2
 import orjson
+from anthropic.resources.messages import AsyncMessages
 
-from conveyor.config import Settings
+from conveyor.config import ConfigError, Settings
 from conveyor.telemetry import exporting
+from conveyor.v1 import events_pb2
 
 TRANSIENT_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 TRANSIENT_ERROR_TYPES = frozenset(
@@ -82,8 +90,150 @@ class Completion:
     """What a finished model call produced."""
 
     text: str
+    """The text of the text blocks, joined."""
     stop_reason: str
     usage: dict[str, int]
+    """The token counts of the job's columns (input, output, cache write and read)."""
+    result: dict[str, Any] | None = None
+    """The rest of the final message: id, model, content blocks, stop_sequence and the
+    whole usage object, as the provider gave them."""
+
+
+DeltaSink = Callable[[int, int, str, bytes, bytes], None]
+"""on_delta(kind, index, text, block_json, citation_json): one streamed piece of the
+answer, kind a conveyor.v1 DeltaKind (see events.proto TokenDelta)."""
+
+TEXT = events_pb2.DELTA_KIND_TEXT
+INPUT_JSON = events_pb2.DELTA_KIND_INPUT_JSON
+THINKING = events_pb2.DELTA_KIND_THINKING
+SIGNATURE = events_pb2.DELTA_KIND_SIGNATURE
+CITATION = events_pb2.DELTA_KIND_CITATION
+BLOCK = events_pb2.DELTA_KIND_BLOCK
+_DELTA_FIELDS: dict[str, tuple[int, str, str]] = {
+    # delta type: (kind, the delta's field, the block's field it adds to)
+    "text_delta": (TEXT, "text", "text"),
+    "input_json_delta": (INPUT_JSON, "partial_json", "input"),
+    "thinking_delta": (THINKING, "thinking", "thinking"),
+    "signature_delta": (SIGNATURE, "signature", "signature"),
+}
+_USAGE_COLUMNS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
+class MessageBuilder:
+    """Builds the final message from the raw stream events, as the SDK's accumulator
+    does: blocks by index from content_block_start, grown by each delta (text,
+    thinking and signature appended, citations added, tool input JSON joined and
+    parsed when the block stops), the usage of message_start updated by message_delta.
+    """
+
+    def __init__(self, on_delta: DeltaSink) -> None:
+        self.on_delta = on_delta
+        self.message: dict[str, Any] = {}
+        self.usage: dict[str, Any] = {}
+        self.blocks: dict[int, dict[str, Any]] = {}
+        self.pieces: dict[tuple[int, str], list[str]] = {}
+        self.unsent: dict[int, bytes] = {}
+        """content_block_start JSON of the blocks no delta has carried yet."""
+        self.stop_reason = ""
+        self.stop_sequence: str | None = None
+
+    def start(self, data: bytes) -> None:
+        self.message = orjson.loads(data)["message"]
+        self.usage = dict(self.message.get("usage") or {})
+
+    def block_start(self, data: bytes) -> None:
+        event = orjson.loads(data)
+        index, block = int(event["index"]), event["content_block"]
+        self.blocks[index] = block
+        self.unsent[index] = orjson.dumps(block)
+
+    def delta(self, data: bytes) -> None:
+        event = orjson.loads(data)
+        index, delta = int(event["index"]), event["delta"]
+        what = _DELTA_FIELDS.get(delta.get("type"))
+        if what is not None:
+            kind, field_name, block_field = what
+            piece = delta[field_name]
+            self.pieces.setdefault((index, block_field), []).append(piece)
+            self.on_delta(kind, index, piece, self.unsent.pop(index, b""), b"")
+        elif delta.get("type") == "citations_delta":
+            block = self.blocks.setdefault(index, {"type": "text", "text": ""})
+            if not isinstance(block.get("citations"), list):
+                block["citations"] = []
+            block["citations"].append(delta["citation"])
+            cited = orjson.dumps(delta["citation"])
+            self.on_delta(CITATION, index, "", self.unsent.pop(index, b""), cited)
+
+    def block_stop(self, data: bytes) -> None:
+        index = int(orjson.loads(data)["index"])
+        block = self._finish(index)
+        if index in self.unsent:  # a block that streamed no delta: sent whole
+            del self.unsent[index]
+            self.on_delta(BLOCK, index, "", orjson.dumps(block), b"")
+
+    def _finish(self, index: int) -> dict[str, Any]:
+        """The block with its pieces folded in (once: the pieces are consumed)."""
+        block = self.blocks.setdefault(index, {})
+        for block_field in ("text", "thinking", "signature", "input"):
+            pieces = self.pieces.pop((index, block_field), None)
+            if pieces is None:
+                continue
+            joined = "".join(pieces)
+            if block_field == "input":
+                block["input"] = orjson.loads(joined) if joined.strip() else {}
+            else:
+                block[block_field] = (block.get(block_field) or "") + joined
+        return block
+
+    def message_delta(self, data: bytes) -> None:
+        event = orjson.loads(data)
+        delta = event.get("delta") or {}
+        self.stop_reason = delta.get("stop_reason") or self.stop_reason
+        if "stop_sequence" in delta:
+            self.stop_sequence = delta["stop_sequence"]
+        for key, value in (event.get("usage") or {}).items():
+            if value is not None:
+                self.usage[key] = value
+
+    def completion(self) -> Completion:
+        content = [self._finish(i) for i in sorted(self.blocks)]
+        text = "".join(b.get("text") or "" for b in content if b.get("type") == "text")
+        return Completion(
+            text=text,
+            stop_reason=self.stop_reason,
+            usage={k: int(self.usage.get(k) or 0) for k in _USAGE_COLUMNS},
+            result={
+                "id": self.message.get("id"),
+                "model": self.message.get("model"),
+                "content": content,
+                "stop_sequence": self.stop_sequence,
+                "usage": self.usage,
+            },
+        )
+
+
+_NAMED_PARAMS = frozenset(inspect.signature(AsyncMessages.create).parameters) - {
+    "self",
+    "stream",
+    "extra_headers",
+    "extra_query",
+    "extra_body",
+    "timeout",
+}
+"""The body keys this SDK's messages.create names; the others (sampling parameters,
+keys of CONVEYOR_REQUEST_EXTRA_KEYS) travel in `extra_body`, at the body's top level."""
+
+
+def create_arguments(body: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(keyword arguments, extra_body) that make the SDK send `body` as it is."""
+    named = {k: v for k, v in body.items() if k in _NAMED_PARAMS}
+    extra = {k: v for k, v in body.items() if k not in _NAMED_PARAMS}
+    return named, extra or None
 
 
 @dataclass
@@ -185,6 +335,19 @@ def _stream_error(data: bytes, response: httpx2.Response) -> anthropic.APIStatus
     return anthropic.APIStatusError(message, response=response, body=body)
 
 
+def check_provider(settings: Settings) -> str:
+    """The API key to send; ConfigError if the provider is the real API and no key is set."""
+    if settings.provider == "simulator":
+        return "simulator"
+    key = settings.anthropic_api_key
+    if key is None or not key.get_secret_value().strip():
+        raise ConfigError(
+            "CONVEYOR_PROVIDER is anthropic but ANTHROPIC_API_KEY is not set: set the key,"
+            " or CONVEYOR_PROVIDER=simulator to run against the bundled simulator"
+        )
+    return key.get_secret_value()
+
+
 @dataclass
 class Provider:
     """A shared anthropic client sized for the worker's concurrency.
@@ -198,10 +361,10 @@ class Provider:
     client: anthropic.AsyncAnthropic = field(init=False)
 
     def __post_init__(self) -> None:
-        key = self.settings.anthropic_api_key
+        key = check_provider(self.settings)
         limit = self.settings.worker_concurrency + 16
         self.client = anthropic.AsyncAnthropic(
-            api_key=key.get_secret_value() if key is not None else "simulator",
+            api_key=key,
             base_url=self.settings.provider_base_url,
             max_retries=self.settings.anthropic_max_retries,
             # The SDK's own span of each call, under the worker's "chat" span, only when
@@ -219,11 +382,13 @@ class Provider:
         self,
         model: str,
         body: Mapping[str, Any],
-        on_text: Callable[[str], None],
+        on_delta: DeltaSink,
         extra_headers: Mapping[str, str] | None = None,
         on_response: Callable[[Mapping[str, str]], Awaitable[None]] | None = None,
     ) -> Completion:
-        """Run one streamed call, handing each text delta to `on_text` as it arrives.
+        """Run one streamed call with the request body as it was submitted, handing each
+        streamed piece (text, tool input, thinking, signature, citation, whole block) to
+        `on_delta` as it arrives; the final message is built from the same events.
 
         `on_response` gets the answer's rate-limit headers as soon as they arrive,
         before the first token.
@@ -233,17 +398,8 @@ class Provider:
         typed events (a pydantic model each) cost about 40 µs per event, more than
         the rest of the call, and a real answer streams hundreds.
         """
-        params = dict(body)
-        # This SDK's create() has no `temperature` keyword; the body field still works.
-        extra_body = {"temperature": params.pop("temperature")} if "temperature" in params else None
-        parts: list[str] = []
-        usage = {
-            "input_tokens": 0,
-            "output_tokens": 0,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
-        }
-        stop_reason = ""
+        params, extra_body = create_arguments(body)
+        built = MessageBuilder(on_delta)
         async with self.client.messages.with_streaming_response.create(
             model=model,
             stream=True,
@@ -255,29 +411,20 @@ class Provider:
                 await on_response(rate_limit_headers(response.headers))
             async for kind, data in sse_events(response.http_response.aiter_bytes()):
                 if kind == "content_block_delta":
-                    delta = orjson.loads(data)["delta"]
-                    if delta.get("type") == "text_delta":
-                        parts.append(delta["text"])
-                        on_text(delta["text"])
+                    built.delta(data)
+                elif kind == "content_block_start":
+                    built.block_start(data)
+                elif kind == "content_block_stop":
+                    built.block_stop(data)
                 elif kind == "message_start":
-                    start = orjson.loads(data)["message"].get("usage") or {}
-                    usage["input_tokens"] = start.get("input_tokens") or 0
-                    usage["output_tokens"] = start.get("output_tokens") or 0
-                    usage["cache_creation_input_tokens"] = (
-                        start.get("cache_creation_input_tokens") or 0
-                    )
-                    usage["cache_read_input_tokens"] = start.get("cache_read_input_tokens") or 0
+                    built.start(data)
                 elif kind == "message_delta":
-                    event = orjson.loads(data)
-                    stop_reason = (event.get("delta") or {}).get("stop_reason") or stop_reason
-                    usage["output_tokens"] = (event.get("usage") or {}).get(
-                        "output_tokens", usage["output_tokens"]
-                    )
+                    built.message_delta(data)
                 elif kind == "error":
                     raise _stream_error(data, response.http_response)
-        if not stop_reason:  # the stream ended without message_delta: it was cut short
+        if not built.stop_reason:  # the stream ended without message_delta: it was cut short
             raise ProviderError("connection_error", "the stream ended early", retryable=True)
-        return Completion(text="".join(parts), stop_reason=stop_reason, usage=usage)
+        return built.completion()
 
     async def close(self) -> None:
         await self.client.close()

@@ -9,12 +9,18 @@ lease was taken over (stalled-job recovery) is refused by the database.
 A job whose tenant already runs as many jobs as its limit allows is not
 claimed: its message goes back to the queue and the worker stops taking that
 tenant's jobs for a moment. Before the model call, the call waits for provider
-budget (services.worker.limiter), outside the job's timeout.
+budget (services.worker.limiter); that wait counts against the job's timeout.
+
+The heartbeat (`renew_leases`) learns which leases were taken over and aborts those
+calls; while it cannot reach Postgres, `abort_unrenewed` aborts calls whose lease may
+have expired. An aborted call writes nothing and its message is acked: the job is
+someone else's (or the sweeper's) now, so the model is not called twice at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import socket
@@ -29,11 +35,13 @@ from opentelemetry.trace import SpanKind, StatusCode
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.broker import PUBLISHED_AT_HEADER, JobMessage, lane_of
+from conveyor.catchup import Delta
 from conveyor.config import Settings
 from conveyor.db import jobs as db
-from conveyor.db.engine import is_disconnect
-from conveyor.events import EventPublisher, delta_event
+from conveyor.db.engine import is_transient
+from conveyor.events import EventPublisher, Shape, delta_event, delta_runs, shape_of
 from conveyor.metrics import (
+    COST_USD,
     IN_FLIGHT,
     JOBS_FINISHED,
     JOBS_RETRIED,
@@ -42,18 +50,35 @@ from conveyor.metrics import (
     RUN_TIME,
     TENANT_DEFERRED,
     TOKENS,
+    ModelNames,
 )
+from conveyor.pricing import cost_micros
 from conveyor.states import JobState
 from conveyor.telemetry import context_from_headers, tracer
 from conveyor.v1 import events_pb2
 from services.worker.limiter import ProviderLimiter
-from services.worker.provider import Completion, Provider, ProviderError, classify
+from services.worker.provider import (
+    TEXT,
+    Completion,
+    DeltaSink,
+    Provider,
+    ProviderError,
+    classify,
+)
 
 log = logging.getLogger(__name__)
 
 SIMULATOR_HEADER_PREFIX = "x-sim-"
-"""Labels with this prefix become HTTP headers when the worker talks to the simulator,
-so a test can make one particular job fail."""
+"""Labels with this prefix become HTTP headers when the provider is the simulator
+(CONVEYOR_PROVIDER=simulator), so a test can make one particular job fail; with
+the real API a tenant's labels never become request headers."""
+
+
+def simulator_headers(labels: Mapping[str, str] | None, attempt: int) -> dict[str, str]:
+    """The request headers for the simulator: the job's `x-sim-*` labels and its attempt."""
+    headers = {k: v for k, v in (labels or {}).items() if k.startswith(SIMULATOR_HEADER_PREFIX)}
+    headers["x-sim-attempt"] = str(attempt)
+    return headers
 
 
 @dataclass
@@ -64,6 +89,9 @@ class InFlight:
     lease: uuid.UUID
     task: asyncio.Task[Completion] | None = None
     text: list[str] = field(default_factory=list)
+    """The streamed pieces of the attempt (text, tool input, thinking...), in order."""
+    shape: list[Shape] = field(default_factory=list)
+    """What each piece of `text` is: (kind, block index, block_json, citation_json)."""
     cancel_requested: bool = False
     sent: int = 0
     """How many of `text` went out as delta events."""
@@ -77,11 +105,70 @@ class InFlight:
     flushed: list[int] = field(default_factory=list)
     """len(text) at each delta event sent: where the published deltas end."""
 
+    def run_of(self, start: int, end: int) -> tuple[str, Shape]:
+        """The text and shape of the delta event made of pieces start..end."""
+        return "".join(self.text[start:end]), self.shape[start]
+
+    def answer_text(self) -> str:
+        """The text of the text blocks so far (a cancelled run's partial result)."""
+        return "".join(t for t, s in zip(self.text, self.shape, strict=True) if s[0] == TEXT)
+
+    renewed_at: float = field(default_factory=time.monotonic)
+    """When (time.monotonic) the last heartbeat that renewed the lease was sent."""
+    lease_lost: bool = False
+
+
+class LeaseLost(Exception):
+    """The attempt's lease was taken over, or could not be renewed in time: its call
+    was aborted and its outcome must not be written."""
+
+
+def lease_hold_s(lease_s: float, heartbeat_s: float) -> float:
+    """How long a worker keeps a call running without a renewed lease.
+
+    The sweeper may requeue a job `lease_s` after its last renewal; the worker looks
+    once per heartbeat, so it gives up one heartbeat earlier (at least half the lease).
+    """
+    return max(lease_s - heartbeat_s, lease_s / 2)
+
 
 def backoff_s(attempt: int, base_s: float, cap_s: float, retry_after_s: float | None) -> float:
     """Exponential backoff with full jitter, never shorter than the provider's retry-after."""
     delay = random.uniform(0, min(cap_s, base_s * 2 ** max(0, attempt - 1)))
     return max(delay, retry_after_s or 0.0)
+
+
+def failure_outcome(row: Mapping[str, Any], error: ProviderError, settings: Settings) -> db.Outcome:
+    """The outcome of a failed attempt (the job row as claimed): failed when permanent,
+    dead when attempts are exhausted, else scheduled for a retry with backoff. Shared by
+    the worker and the batch lane (services.dispatcher.batcher)."""
+    attempt, max_attempts = row["attempts"], row["max_attempts"]
+    extra = {"job_id": str(row["id"]), "attempt": attempt, "error": str(error)}
+    if not error.retryable:
+        log.info("permanent failure", extra=extra)
+        return db.Outcome(status=JobState.FAILED, error=error.as_dict())
+    if attempt >= max_attempts:
+        log.info("attempts exhausted", extra=extra)
+        return db.Outcome(
+            status=JobState.DEAD,
+            error=error.as_dict(),
+            dead_reason=f"attempts exhausted ({attempt} of {max_attempts})",
+        )
+    delay = backoff_s(attempt, settings.retry_base_s, settings.retry_cap_s, error.retry_after_s)
+    log.info("transient failure; retry scheduled", extra={**extra, "retry_in_s": round(delay, 3)})
+    return db.Outcome(
+        status=JobState.SCHEDULED,
+        error=error.as_dict(),
+        retry_in_s=delay,
+    )
+
+
+def with_cost(outcome: db.Outcome, model: str, *, batch: bool = False) -> db.Outcome:
+    """The outcome with its attempt's cost, from the whole usage the provider reported
+    (the cache writes' TTL split is there); 0 without usage, None for an unpriced model."""
+    full = (outcome.result or {}).get("usage")
+    usage = full if isinstance(full, Mapping) else (outcome.usage or {})
+    return dataclasses.replace(outcome, cost_micros=cost_micros(model, usage, batch=batch))
 
 
 class JobRunner:
@@ -106,22 +193,60 @@ class JobRunner:
         self.name = f"{socket.gethostname()}:{id(self)}"
         self.inflight: dict[uuid.UUID, InFlight] = {}
         self.stopping = False
-        self.use_sim_headers = settings.anthropic_api_key is None
+        self.use_sim_headers = settings.provider == "simulator"
+        self.model_label = ModelNames.from_settings(settings)
 
-    def text_so_far(
-        self, job_id: uuid.UUID, attempt: int
-    ) -> tuple[int, list[tuple[int, str]]] | None:
-        """The deltas a running attempt sent so far, as (output_tokens, text), with the
+    def text_so_far(self, job_id: uuid.UUID, attempt: int) -> tuple[int, list[Delta]] | None:
+        """The deltas a running attempt sent so far (conveyor.catchup.Delta: output_tokens,
+        text, kind, block index, block JSON, citation JSON), with the
         sequence number of its RUNNING event; None if this worker does not run that
         attempt. (conveyor.catchup: a notifier catching a watcher up asks for it.)"""
         entry = self.inflight.get(job_id)
         if entry is None or entry.attempt != attempt:
             return None
-        deltas, start = [], 0
+        deltas: list[Delta] = []
+        start = 0
         for end in entry.flushed:
-            deltas.append((end, "".join(entry.text[start:end])))
+            text, (kind, index, block, cited) = entry.run_of(start, end)
+            deltas.append((end, text, kind, index, block.decode(), cited.decode()))
             start = end
         return entry.base_seq, deltas
+
+    async def renew_leases(self) -> None:
+        """One heartbeat: renew the leases of the running calls, abort those whose lease
+        was lost or whose cancel was requested."""
+        entries = {e.lease: e for e in list(self.inflight.values())}
+        if not entries:
+            return
+        sent = time.monotonic()
+        renewal = await db.heartbeat(self.engine, list(entries))
+        for lease, entry in entries.items():
+            if lease in renewal.lost:
+                self.abort_lost(entry, "lease taken over")
+            else:
+                entry.renewed_at = max(entry.renewed_at, sent)
+        for job_id in renewal.cancel:
+            self.cancel(job_id)
+
+    def abort_unrenewed(self, hold_s: float) -> int:
+        """Abort the calls whose lease was last renewed more than `hold_s` ago (the
+        database is unreachable, so the lease cannot be proven); how many."""
+        now = time.monotonic()
+        stale = [e for e in list(self.inflight.values()) if now - e.renewed_at > hold_s]
+        return sum(self.abort_lost(e, "lease not renewed in time") for e in stale)
+
+    def abort_lost(self, entry: InFlight, why: str) -> bool:
+        """Abort the call of an attempt whose lease is gone; False if it already ended
+        (its outcome, if being written, is refused by the lease check)."""
+        if entry.task is None or entry.task.done() or entry.lease_lost:
+            return False
+        entry.lease_lost = True
+        entry.task.cancel()
+        log.warning(
+            "lease lost; model call aborted",
+            extra={"job_id": str(entry.job_id), "attempt": entry.attempt, "reason": why},
+        )
+        return True
 
     def cancel(self, job_id: uuid.UUID) -> bool:
         """Abort the model call of a job this worker runs; False if it runs none."""
@@ -162,10 +287,15 @@ class JobRunner:
 
     async def _handle(self, job: JobMessage, message: AbstractIncomingMessage) -> None:
         lease = uuid.uuid4()
+        claimed_at = time.monotonic()
+
+        async def claim() -> Mapping[str, Any] | None:
+            nonlocal claimed_at
+            claimed_at = time.monotonic()  # the lease runs from before the claim's write
+            return await db.claim(self.engine, job.job_id, lease, self.name, job.tenant)
+
         with tracer().start_as_current_span("claim"):
-            row = await self._retrying(
-                lambda: db.claim(self.engine, job.job_id, lease, self.name, job.tenant)
-            )
+            row = await self._retrying(claim)
         if row is None:
             await self._not_claimed(job, message)
             return
@@ -173,7 +303,11 @@ class JobRunner:
         JOBS_STARTED.labels(lane).inc()
         started = time.monotonic()
         entry = InFlight(
-            job_id=job.job_id, lease=lease, attempt=row["attempts"], base_seq=row["seq"]
+            job_id=job.job_id,
+            lease=lease,
+            attempt=row["attempts"],
+            base_seq=row["seq"],
+            renewed_at=claimed_at,
         )
         self.inflight[job.job_id] = entry
         IN_FLIGHT.inc()
@@ -183,6 +317,11 @@ class JobRunner:
             except asyncio.CancelledError:
                 await self._hand_back(job.job_id, lease, message, row["seq"] + len(entry.text))
                 raise
+            except LeaseLost:
+                # Taken over (or about to be): its new attempt has a message of its own.
+                await message.ack()
+                return
+            outcome = with_cost(outcome, row["model"])
             with tracer().start_as_current_span("write outcome") as span:
                 span.set_attribute("conveyor.job.status", outcome.status.value)
                 done = await self._retrying(
@@ -195,7 +334,9 @@ class JobRunner:
                     )
                 )
         finally:
-            self.inflight.pop(job.job_id, None)
+            # A later attempt of the same job may run here already (this one's lease lost).
+            if self.inflight.get(job.job_id) is entry:
+                del self.inflight[job.job_id]
             IN_FLIGHT.dec()
         if done is None:
             log.warning("outcome refused: lease taken over", extra={"job_id": str(job.job_id)})
@@ -204,6 +345,8 @@ class JobRunner:
         if entry.publishing is not None:
             await entry.publishing  # the last tokens go out before the final status
         RUN_TIME.labels(lane, outcome.status.value).observe(time.monotonic() - started)
+        if outcome.cost_micros:
+            COST_USD.labels(self.model_label(row["model"]), lane).inc(outcome.cost_micros / 1e6)
         if outcome.status is JobState.SCHEDULED:
             JOBS_RETRIED.labels(lane).inc()
         elif outcome.status.terminal:
@@ -215,7 +358,10 @@ class JobRunner:
             extra={"job_id": str(job.job_id), "attempt": done["attempts"]},
         )
         if outcome.status is JobState.DEAD:
-            # Through the DLX, so the dispatcher records the x-death data on the job's history.
+            # Through the DLX like every dead job's message. The job is written dead
+            # already (reason and last error), so the dispatcher finds it finished and
+            # drops the dead letter; the x-death data matters only for messages RabbitMQ
+            # dead-lettered itself, whose jobs the dispatcher marks dead.
             await message.reject(requeue=False)
         else:
             await message.ack()
@@ -289,26 +435,27 @@ class JobRunner:
         def flush() -> None:
             entry.flush_scheduled = False
             n = len(entry.text)
-            text = "".join(entry.text[entry.sent :])
+            for start, end in delta_runs(entry.shape, entry.sent, n):
+                text, (kind, index, block, cited) = entry.run_of(start, end)
+                entry.flushed.append(end)
+                event = delta_event(
+                    job_id, tenant, base_seq + end, text, attempt, end, kind, index, block, cited
+                )
+                entry.publishing = asyncio.create_task(self._publish_delta(event, entry.publishing))
             entry.sent = n
-            entry.flushed.append(n)
-            event = delta_event(job_id, tenant, base_seq + n, text, attempt, n)
-            entry.publishing = asyncio.create_task(self._publish_delta(event, entry.publishing))
 
-        def on_text(text: str) -> None:
-            # Deltas that arrive in one turn of the event loop travel as one event:
-            # no added latency, and a fast stream costs one publish per read, not per token.
+        def on_delta(kind: int, index: int, text: str, block: bytes, cited: bytes) -> None:
+            # Pieces of one block and kind that arrive in one turn of the event loop travel
+            # as one event: no added latency, and a fast stream costs one publish per read,
+            # not per token.
             entry.text.append(text)
+            entry.shape.append(shape_of(kind, index, block, cited))
             if not entry.flush_scheduled:
                 entry.flush_scheduled = True
                 loop.call_soon(flush)
 
-        headers = {}
-        if self.use_sim_headers:
-            labels = row["labels"] or {}
-            headers = {k: v for k, v in labels.items() if k.startswith(SIMULATOR_HEADER_PREFIX)}
-            headers["x-sim-attempt"] = str(attempt)
-        entry.task = asyncio.create_task(self._call(row, on_text, headers))
+        headers = simulator_headers(row["labels"], attempt) if self.use_sim_headers else {}
+        entry.task = asyncio.create_task(self._call(row, on_delta, headers))
         # The RUNNING event is published once the request is on its way (the call's task
         # runs first); the deltas wait for it, so it still comes first.
         entry.publishing = asyncio.create_task(self._emit(row, "pending"))
@@ -316,10 +463,12 @@ class JobRunner:
             completion = await asyncio.shield(entry.task)
         except asyncio.CancelledError:
             current = asyncio.current_task()
+            if entry.lease_lost and current is not None and not current.cancelling():
+                raise LeaseLost(str(entry.job_id)) from None
             if entry.cancel_requested and current is not None and not current.cancelling():
                 return db.Outcome(
                     status=JobState.CANCELLED,
-                    result_text="".join(entry.text),
+                    result_text=entry.answer_text(),
                     error={
                         "code": "cancelled",
                         "message": "cancelled while running",
@@ -335,24 +484,31 @@ class JobRunner:
             result_text=completion.text,
             stop_reason=completion.stop_reason,
             usage=completion.usage,
+            result=completion.result,
         )
 
     async def _call(
-        self, row: Mapping[str, Any], on_text: Any, headers: Mapping[str, str]
+        self, row: Mapping[str, Any], on_delta: DeltaSink, headers: Mapping[str, str]
     ) -> Completion:
-        """One model call, after waiting for provider budget (not counted in the job's
-        timeout), as a GenAI client span (semantic conventions for gen_ai.*)."""
+        """One model call, after waiting for provider budget, as a GenAI client span
+        (semantic conventions for gen_ai.*). The job's timeout runs from here: the wait
+        for budget is part of it, so a job cannot wait for budget without end."""
+        deadline = asyncio.get_running_loop().time() + row["timeout_ms"] / 1000
         limiter = self.limiter
         if limiter is None:
-            return await self._model_call(row, on_text, headers, None)
-        permit = await limiter.acquire(row["model"], row["request"])
+            return await self._model_call(row, on_delta, headers, None, deadline)
+        try:
+            async with asyncio.timeout_at(deadline):
+                permit = await limiter.acquire(row["model"], row["request"])
+        except TimeoutError:
+            raise TimeoutError("the job's timeout ran out waiting for rate-limit budget") from None
         usage: Mapping[str, int] | None = None
         try:
 
             async def observe(response_headers: Mapping[str, str]) -> None:
                 await limiter.observe(permit, response_headers)
 
-            completion = await self._model_call(row, on_text, headers, observe)
+            completion = await self._model_call(row, on_delta, headers, observe, deadline)
             usage = completion.usage
             return completion
         except Exception as exc:
@@ -366,9 +522,10 @@ class JobRunner:
     async def _model_call(
         self,
         row: Mapping[str, Any],
-        on_text: Any,
+        on_delta: DeltaSink,
         headers: Mapping[str, str],
         on_response: Callable[[Mapping[str, str]], Awaitable[None]] | None,
+        deadline: float,
     ) -> Completion:
         model = row["model"]
         with tracer().start_as_current_span(
@@ -385,9 +542,9 @@ class JobRunner:
             },
         ) as span:
             try:
-                async with asyncio.timeout(row["timeout_ms"] / 1000):
+                async with asyncio.timeout_at(deadline):
                     completion = await self.provider.stream(
-                        model, row["request"], on_text, headers, on_response
+                        model, row["request"], on_delta, headers, on_response
                     )
             except BaseException as exc:
                 if not isinstance(exc, asyncio.CancelledError):
@@ -404,34 +561,13 @@ class JobRunner:
                     "gen_ai.usage.output_tokens": usage["output_tokens"],
                 }
             )
-            TOKENS.labels(model, "input").inc(usage["input_tokens"])
-            TOKENS.labels(model, "output").inc(usage["output_tokens"])
+            label = self.model_label(model)  # `other` unless known or allowed
+            TOKENS.labels(label, "input").inc(usage["input_tokens"])
+            TOKENS.labels(label, "output").inc(usage["output_tokens"])
             return completion
 
     def _failure(self, row: Mapping[str, Any], error: ProviderError) -> db.Outcome:
-        attempt, max_attempts = row["attempts"], row["max_attempts"]
-        extra = {"job_id": str(row["id"]), "attempt": attempt, "error": str(error)}
-        if not error.retryable:
-            log.info("permanent failure", extra=extra)
-            return db.Outcome(status=JobState.FAILED, error=error.as_dict())
-        if attempt >= max_attempts:
-            log.info("attempts exhausted", extra=extra)
-            return db.Outcome(
-                status=JobState.DEAD,
-                error=error.as_dict(),
-                dead_reason=f"attempts exhausted ({attempt} of {max_attempts})",
-            )
-        delay = backoff_s(
-            attempt, self.settings.retry_base_s, self.settings.retry_cap_s, error.retry_after_s
-        )
-        log.info(
-            "transient failure; retry scheduled", extra={**extra, "retry_in_s": round(delay, 3)}
-        )
-        return db.Outcome(
-            status=JobState.SCHEDULED,
-            error=error.as_dict(),
-            retry_in_s=delay,
-        )
+        return failure_outcome(row, error, self.settings)
 
     async def _publish_delta(
         self, event: events_pb2.JobEvent, after: asyncio.Task[None] | None
@@ -452,7 +588,8 @@ class JobRunner:
             )
 
     async def _retrying(self, op: Any) -> Any:
-        """Run a database operation, retrying while Postgres is unreachable.
+        """Run a database operation, retrying while Postgres is unreachable (or its
+        statements time out).
 
         Giving up would lose nothing (the message stays unacked) but would leave the
         job to stalled-job recovery; riding out a short outage is cheaper.
@@ -462,7 +599,7 @@ class JobRunner:
             try:
                 return await op()
             except Exception as exc:
-                if not is_disconnect(exc):
+                if not is_transient(exc):
                     raise
                 self._log_db_retry(exc)
             if self.stopping:

@@ -91,7 +91,8 @@ async def test_a_429_pauses_every_worker_until_an_answer_shows_budget_to_spare(
 ) -> None:
     model = f"claude-paused-{uuid.uuid4().hex[:6]}"
     body = {"max_tokens": 16, "messages": [{"role": "user", "content": "x" * 400}]}
-    first, second = ProviderLimiter(db, Settings()), ProviderLimiter(db, Settings())
+    settings = Settings(known_models=(model,))  # its own state, not the `other` model's
+    first, second = ProviderLimiter(db, settings), ProviderLimiter(db, settings)
     probe = await first.acquire(model, body)  # nobody knows the limits: a probe learns them
     await first.observe(probe, _answer_headers(0.05))  # and the provider has little left
     first.settle(probe, {"input_tokens": 100, "output_tokens": 16})
@@ -121,7 +122,8 @@ async def test_a_429_right_after_an_answer_with_budget_to_spare_pauses_nothing(
 ) -> None:
     model = f"claude-overloaded-{uuid.uuid4().hex[:6]}"
     body = {"max_tokens": 16, "messages": [{"role": "user", "content": "x" * 400}]}
-    first, second = ProviderLimiter(db, Settings()), ProviderLimiter(db, Settings())
+    settings = Settings(known_models=(model,))  # its own state, not the `other` model's
+    first, second = ProviderLimiter(db, settings), ProviderLimiter(db, settings)
     probe = await first.acquire(model, body)
     await first.observe(probe, _answer_headers(0.9))
     first.settle(probe, {"input_tokens": 100, "output_tokens": 16})

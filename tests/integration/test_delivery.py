@@ -214,3 +214,49 @@ async def test_poison_and_orphan_messages_are_dead_lettered_not_retried(
     # The worker is still healthy afterwards.
     job = await client.wait((await client.submit(MODEL, "after poison", max_tokens=8)).id, 30)
     assert job.status == jobs_pb2.JOB_STATUS_SUCCEEDED
+
+
+async def test_pending_jobs_whose_messages_were_purged_still_run_exactly_once(
+    client: ConveyorClient, stack: Stack, backing: Backing, db: AsyncEngine
+) -> None:
+    stack.stop("worker")
+    try:
+        jobs = [await client.submit(MODEL, f"purged {i}", max_tokens=8) for i in range(20)]
+        ids = [uuid.UUID(j.id) for j in jobs]
+
+        async def all_published() -> bool:
+            async with db.connect() as conn:
+                n = await conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM jobs WHERE id = ANY(:ids) AND published_at IS NOT NULL"
+                    ),
+                    {"ids": ids},
+                )
+                return bool(n.scalar_one() == len(ids))
+
+        await eventually(all_published)
+        # The broker loses every waiting message, as when a queue is purged.
+        connection = await aio_pika.connect(backing.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            purged = 0
+            for lane in stack.settings.lanes:
+                for name in (broker.lane_queue(lane), broker.tenant_lane_queue(lane, "default")):
+                    queue = await channel.declare_queue(name, passive=True)
+                    purged += (await queue.purge()).message_count or 0
+        assert purged >= len(jobs)
+        for job in jobs:
+            assert (await client.get(job.id)).status == jobs_pb2.JOB_STATUS_PENDING
+    finally:
+        stack.start("worker")
+    done = await asyncio.gather(*(client.wait(j.id, 60) for j in jobs))
+    assert [(j.status, j.attempts) for j in done] == [(jobs_pb2.JOB_STATUS_SUCCEEDED, 1)] * 20
+    async with db.connect() as conn:
+        rows = await conn.execute(
+            sa.text(
+                "SELECT job_id, count(*) FILTER (WHERE status = 'succeeded') AS wins"
+                " FROM job_events WHERE job_id = ANY(:ids) GROUP BY job_id"
+            ),
+            {"ids": ids},
+        )
+        assert {r.job_id: r.wins for r in rows} == dict.fromkeys(ids, 1), "each ran exactly once"

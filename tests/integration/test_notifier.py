@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from conveyor import devstack
 from conveyor.client import ConveyorClient, NotFound
 from conveyor.v1 import events_pb2, events_pb2_grpc, jobs_pb2
-from tests.conftest import TenantClient, eventually
-from tests.stack import Stack
+from tests.conftest import TenantClient, eventually, finished
+from tests.faults import FaultProxy
+from tests.stack import Backing, Stack, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -193,7 +196,9 @@ async def test_resuming_from_the_start_replays_every_stored_change_in_order(
 async def test_two_notifiers_serve_the_same_stream_and_a_resume_can_switch_between_them(
     client: ConveyorClient, stack: Stack, api_key: str
 ) -> None:
-    job = await client.submit(MODEL, "two notifiers", max_tokens=300, labels=slow(150, 40))
+    # 10 s of streaming: the second notifier (a new process, slow to start on a busy
+    # machine) is ready while the job still streams.
+    job = await client.submit(MODEL, "two notifiers", max_tokens=500, labels=slow(400, 40))
     first = await read_until(client.watch(job.id, resume=False), deltas=8)
     last = max(e.sequence for e in numbered(first))
 
@@ -201,6 +206,8 @@ async def test_two_notifiers_serve_the_same_stream_and_a_resume_can_switch_betwe
     # beginning of the attempt, so it asks the worker for the text so far.
     second = stack.start_notifier("notifier-2")
     try:
+        running = await client.get(job.id)
+        assert running.status == jobs_pb2.JOB_STATUS_RUNNING, "the premise: still streaming"
         async with ConveyorClient(stack.gateway, second, api_key=api_key) as other:
             resumed = [e async for e in other.watch(job.id, after_sequence=last)]
             from_scratch = [e async for e in other.watch(job.id, after_sequence=1)]
@@ -224,8 +231,9 @@ async def test_a_slow_reader_is_cut_off_with_its_resume_point_and_resumes_exactl
     # little); 1,500 a second leave a reader that does read room to keep up on a busy
     # machine (at 3,000 a second, one in CI fell behind too).
     job = await client.submit(MODEL, "firehose", max_tokens=8000, labels=slow(6000, 1500, 300))
-    # A reader that keeps up, on the same job at the same time.
-    keeping_up = asyncio.create_task(_collect(client.watch(job.id, resume=False)))
+    # A reader that keeps up, on the same job at the same time (if this busy test process
+    # starves it, it resumes where it was cut off: it still gets every token once).
+    keeping_up = asyncio.create_task(_collect(client.watch(job.id)))
 
     request = events_pb2.WatchJobRequest(id=job.id)
     async with raw_stream(stack.notifier, api_key, request, SMALL_WINDOW) as call:
@@ -381,3 +389,103 @@ async def _within(
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(gather(), seconds)
     return seen
+
+
+@contextlib.contextmanager
+def notifier_with_lagging_bus(stack: Stack, backing: Backing) -> Iterator[tuple[str, FaultProxy]]:
+    """One more notifier, reading the bus through a proxy the test can stall (its
+    Postgres link is direct): its address and the proxy."""
+    url = urlsplit(backing.amqp_url)
+    with FaultProxy(url.hostname or "127.0.0.1", url.port or 5672) as proxy:
+        proxied = urlunsplit(
+            url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")
+        )
+        port = free_port()
+        service = devstack.Service(
+            "notifier-lag",
+            "services.notifier",
+            "grpc",
+            f"{stack.settings.notifier_host}:{port}",
+            "JobEvents",
+        )
+        stack.start_extra(
+            service,
+            CONVEYOR_AMQP_URL=proxied,
+            CONVEYOR_NOTIFIER_PORT=str(port),
+            CONVEYOR_NOTIFIER_METRICS_PORT="0",
+        )
+        try:
+            yield service.address, proxy
+        finally:
+            proxy.restore()
+            stack.stop("notifier-lag")
+
+
+def assert_whole_attempt(events: list[events_pb2.JobEvent], done: jobs_pb2.Job) -> None:
+    """The watch got every event of the job's last attempt once, in order, with no number
+    missing: deltas numbered from its RUNNING event, the terminal change right after the
+    last one, and the deltas rebuild the stored result."""
+    assert_in_order(events)
+    mine = numbered(events)
+    running = [
+        e
+        for e in mine
+        if kind(e) == "status_changed"
+        and e.status_changed.status == jobs_pb2.JOB_STATUS_RUNNING
+        and e.status_changed.attempt == done.attempts
+    ]
+    assert running, "the attempt's RUNNING event"
+    deltas = [e for e in mine if kind(e) == "token_delta" and e.sequence > running[0].sequence]
+    assert all(e.sequence - e.token_delta.output_tokens == running[0].sequence for e in deltas)
+    final = mine[-1]
+    assert kind(final) == "status_changed" and final.status_changed.status == done.status
+    assert final.sequence == done.sequence
+    assert deltas and deltas[-1].sequence == final.sequence - 1, (
+        f"the last deltas before {final.sequence} arrived (got up to {deltas[-1].sequence})"
+    )
+    assert deltas[-1].token_delta.output_tokens == done.usage.output_tokens
+    assert text_of(deltas) == done.result_text == final.status_changed.job.result_text
+
+
+async def test_watches_get_the_last_deltas_even_when_the_bus_brings_them_after_postgres(
+    client: ConveyorClient, stack: Stack, backing: Backing, api_key: str
+) -> None:
+    # The notifier re-reads Postgres every second when its streams are quiet
+    # (CONVEYOR_NOTIFIER_IDLE_CHECK_S=1); its bus stalls while the jobs finish, so those
+    # checks find them finished before their last deltas arrive. The jobs' terminal
+    # changes must still come after every delta.
+    with notifier_with_lagging_bus(stack, backing) as (address, proxy):
+        async with ConveyorClient(stack.gateway, address, api_key=api_key) as lagging:
+            jobs = [
+                await lagging.submit(MODEL, f"lag {i}", max_tokens=100, labels=slow(40, 20))
+                for i in range(12)
+            ]
+            received: dict[str, list[events_pb2.JobEvent]] = {j.id: [] for j in jobs}
+
+            async def watch(job_id: str) -> None:
+                request = events_pb2.WatchJobRequest(id=job_id, after_sequence=1)
+                async with raw_stream(address, api_key, request) as call:
+                    async for event in call:
+                        received[job_id].append(event)
+                    assert await call.code() == grpc.StatusCode.OK
+
+            watches = [asyncio.create_task(watch(j.id)) for j in jobs]
+
+            async def all_streaming() -> bool:
+                return all(
+                    sum(1 for e in seen if kind(e) == "token_delta") >= 3
+                    for seen in received.values()
+                )
+
+            await eventually(all_streaming, within_s=60, every_s=0.05)
+            proxy.stall()
+            try:
+                done = [await finished(lagging, j.id, within_s=60) for j in jobs]
+                await asyncio.sleep(2.5)  # idle checks read the finished jobs meanwhile
+            finally:
+                proxy.restore()
+            await asyncio.wait_for(asyncio.gather(*watches), 60)
+
+    for job in done:
+        assert job.status == jobs_pb2.JOB_STATUS_SUCCEEDED
+        assert_whole_attempt(received[job.id], job)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import timedelta
 
@@ -129,3 +130,24 @@ async def test_killing_a_worker_with_50_jobs_in_flight_loses_none_and_runs_none_
         wins = {str(r.job_id): r.wins for r in rows}
     assert wins == dict.fromkeys(ids, 1), "every job finished exactly once"
     assert all(j.attempts == 2 for j in finished), "the killed attempt, then the one that finished"
+
+
+async def test_the_wait_for_rate_limit_budget_counts_against_the_jobs_timeout(
+    client: ConveyorClient, stack: Stack, db: AsyncEngine
+) -> None:
+    model = f"claude-scarce-{uuid.uuid4().hex[:6]}"  # one request a minute, for this test only
+    stack.stop("worker")
+    stack.start("worker", CONVEYOR_RATE_LIMITS=json.dumps({model: {"requests_per_minute": 1}}))
+    try:
+        first = await client.submit(model, "takes the only request", max_tokens=8)
+        assert (await client.wait(first.id, 30)).status == jobs_pb2.JOB_STATUS_SUCCEEDED
+        starved = await client.submit(
+            model, "waits", max_tokens=8, max_attempts=1, timeout=timedelta(seconds=2)
+        )
+        done = await client.wait(starved.id, 30)
+    finally:
+        stack.stop("worker")
+        stack.start("worker")
+    assert done.status == jobs_pb2.JOB_STATUS_DEAD, "not left waiting a minute for budget"
+    assert done.error.code == "timeout" and done.error.retryable
+    assert [a.outcome for a in await job_attempts(db, starved.id)] == ["dead"]

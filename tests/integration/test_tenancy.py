@@ -1,9 +1,12 @@
 """Tenants are kept apart: every call needs a key, acts for the key's tenant, and another
-tenant's job is NOT_FOUND, never its data. Admins read every tenant's statistics. The
-keys are managed with `conveyor keys`, and the job history names who did what."""
+tenant's job is NOT_FOUND, never its data. Operators alone read every tenant's
+statistics and the shared queues' depths; a tenant's admin sees its own tenant only. The
+keys are managed with `conveyor keys`, and the job history names who did what. An
+anonymous tenant stays on loopback listeners."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -11,11 +14,15 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
+import aio_pika
 import grpc
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from conveyor import devstack
+from conveyor.admin import create_api_key
+from conveyor.broker import DEAD_LETTER_QUEUE
 from conveyor.client import (
     ConveyorClient,
     NotFound,
@@ -24,7 +31,7 @@ from conveyor.client import (
 )
 from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.conftest import TenantClient, count_jobs, eventually, finished
-from tests.stack import Backing, Stack
+from tests.stack import Backing, Stack, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -102,28 +109,90 @@ async def test_another_tenants_job_cannot_be_watched(
         assert (await client.wait(job.id, 30)).status == jobs_pb2.JOB_STATUS_SUCCEEDED
 
 
-async def test_only_an_admin_reads_other_tenants_stats(
-    client: ConveyorClient, tenant_client: TenantClient
+async def _operator(stack: Stack, db: AsyncEngine, tenant: str = "operators") -> ConveyorClient:
+    key, _ = await create_api_key(db, tenant, f"op-{uuid.uuid4().hex[:8]}", "operator")
+    return ConveyorClient(stack.gateway, stack.notifier, api_key=key)
+
+
+async def test_only_an_operator_reads_other_tenants_stats(
+    stack: Stack, db: AsyncEngine, client: ConveyorClient, tenant_client: TenantClient
 ) -> None:
-    async with tenant_client("stats-a") as member, tenant_client("ops", admin=True) as admin:
+    async with (
+        tenant_client("stats-a") as member,
+        tenant_client("stats-b", admin=True) as tenant_admin,
+        await _operator(stack, db) as operator,
+    ):
         job = await member.submit(MODEL, "counted", max_tokens=8)
         await finished(member, job.id)
         own = await member.stats()
         assert own.tenant == "stats-a" and own.counts["succeeded"] == 1
-        with pytest.raises(PermissionDenied):
-            await member.stats(all_tenants=True)
-        with pytest.raises(PermissionDenied):
-            await client.stats(tenant="stats-a")
+        for caller in (member, client, tenant_admin):  # a tenant's admin is no exception
+            with pytest.raises(PermissionDenied):
+                await caller.stats(all_tenants=True)
+            with pytest.raises(PermissionDenied):
+                await caller.stats(tenant="stats-c")
+        assert (await tenant_admin.stats()).tenant == "stats-b"
 
-        theirs = await admin.stats(tenant="stats-a")
+        theirs = await operator.stats(tenant="stats-a")
         assert theirs.tenant == "stats-a" and dict(theirs.counts) == dict(own.counts)
-        everyone = await admin.stats(all_tenants=True)
+        everyone = await operator.stats(all_tenants=True)
         assert everyone.tenant == "*"
         by_tenant = {t.tenant: t for t in everyone.tenants}
         assert {"default", "stats-a"} <= set(by_tenant)
         assert by_tenant["stats-a"].counts["succeeded"] == 1
         total = sum(t.counts["succeeded"] for t in everyone.tenants)
         assert everyone.counts["succeeded"] == total
+
+
+async def test_an_operator_key_acts_for_its_own_tenant_only(
+    stack: Stack, db: AsyncEngine, client: ConveyorClient
+) -> None:
+    theirs = await client.submit(MODEL, "not the operator's", max_tokens=8)
+    async with await _operator(stack, db) as operator:
+        for attempt in (operator.get(theirs.id), operator.cancel(theirs.id)):
+            with pytest.raises(NotFound):
+                await attempt
+        with pytest.raises(NotFound):
+            async for _ in operator.watch(theirs.id, resume=False):
+                pass
+        mine = await operator.submit(MODEL, "the operator's own", max_tokens=8)
+        assert mine.tenant == "operators"
+        assert (await finished(operator, mine.id)).status == jobs_pb2.JOB_STATUS_SUCCEEDED
+    assert (await finished(client, theirs.id)).status == jobs_pb2.JOB_STATUS_SUCCEEDED
+
+
+async def test_the_dead_letter_depth_is_for_operators_only(
+    stack: Stack, backing: Backing, db: AsyncEngine, tenant_client: TenantClient
+) -> None:
+    stack.stop("dispatcher")  # it would consume the dead letters at once
+    connection = await aio_pika.connect(backing.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+        for i in range(3):
+            await channel.default_exchange.publish(
+                aio_pika.Message(f"another tenant's dead letter {i}".encode()),
+                routing_key=DEAD_LETTER_QUEUE,
+            )
+        async with (
+            tenant_client("dlq-a", admin=True) as tenant_admin,
+            tenant_client("dlq-b") as member,
+            await _operator(stack, db) as operator,
+        ):
+
+            async def all_there() -> bool:
+                return (await operator.stats(all_tenants=True)).dead_letter_depth == 3
+
+            await eventually(all_there, within_s=15)
+            assert (await operator.stats(tenant="dlq-a")).dead_letter_depth == 3
+            for caller in (tenant_admin, member):
+                assert (await caller.stats()).dead_letter_depth == 0
+    finally:
+        with contextlib.suppress(Exception):
+            queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+            await queue.purge()
+        await connection.close()
+        stack.start("dispatcher")
 
 
 def _conveyor(backing: Backing, *args: str) -> subprocess.CompletedProcess[str]:
@@ -137,6 +206,38 @@ def _conveyor(backing: Backing, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
+
+
+async def test_operator_keys_are_created_with_the_cli_for_the_operators_tenant(
+    backing: Backing, db: AsyncEngine
+) -> None:
+    created = _conveyor(backing, "keys", "create", "--role", "operator", "--name", "ops-cli")
+    assert created.returncode == 0, created.stderr
+    assert "(operator) for tenant operators" in created.stderr
+    admin = _conveyor(backing, "keys", "create", "--tenant", "cli-a", "--name", "lead", "--admin")
+    assert admin.returncode == 0, admin.stderr
+    async with db.connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.text("SELECT tenant, role FROM api_keys WHERE name IN ('ops-cli', 'lead')")
+            )
+        ).all()
+    assert sorted(map(tuple, rows)) == [("cli-a", "admin"), ("operators", "operator")]
+
+    before = await _key_count(db)
+    for refused in (
+        ["--name", "no-tenant"],  # only operator keys have a default tenant
+        ["--tenant", "cli-a", "--name", "x", "--role", "root"],
+        ["--tenant", "cli-a", "--name", "x", "--role", "operator", "--admin"],
+    ):
+        result = _conveyor(backing, "keys", "create", *refused)
+        assert result.returncode == 2 and result.stdout == "", refused
+    assert await _key_count(db) == before, "nothing was written"
+
+
+async def _key_count(db: AsyncEngine) -> int:
+    async with db.connect() as conn:
+        return int((await conn.execute(sa.text("SELECT count(*) FROM api_keys"))).scalar_one())
 
 
 async def test_keys_are_created_listed_and_revoked_with_the_cli(
@@ -185,8 +286,13 @@ async def test_key_less_calls_act_as_the_anonymous_tenant_when_configured(
 ) -> None:
     """What `make up` does, so that the README's plain grpcurl call works as written."""
     stack.stop("gateway")
+    log = stack.run.log_file(stack.services["gateway"])
+    start = log.stat().st_size
     stack.start("gateway", CONVEYOR_ANONYMOUS_TENANT="default")
     try:
+        lines = log.read_text()[start:].splitlines()
+        (warning,) = [line for line in lines if "act as the anonymous tenant" in line]
+        assert '"warning"' in warning and '"default"' in warning
         async with ConveyorClient(stack.gateway, stack.notifier, api_key="") as anonymous:
             job = await anonymous.submit(MODEL, "Hello", max_tokens=64)
             assert job.tenant == "default"
@@ -200,6 +306,31 @@ async def test_key_less_calls_act_as_the_anonymous_tenant_when_configured(
     finally:
         stack.stop("gateway")
         stack.start("gateway")
+
+
+@pytest.mark.parametrize("service", ["gateway", "notifier"])
+async def test_an_anonymous_tenant_on_a_network_address_refuses_to_start(
+    stack: Stack, db: AsyncEngine, service: str
+) -> None:
+    port = free_port()
+    name = f"{service}-anonymous"
+    extra = devstack.Service(name, f"services.{service}", "grpc", f"127.0.0.1:{port}")
+    before = await count_jobs(db)
+    with pytest.raises(RuntimeError, match="exited with status 2"):
+        stack.start_extra(
+            extra,
+            CONVEYOR_ANONYMOUS_TENANT="default",
+            **{
+                f"CONVEYOR_{service.upper()}_HOST": "0.0.0.0",
+                f"CONVEYOR_{service.upper()}_PORT": str(port),
+                f"CONVEYOR_{service.upper()}_METRICS_PORT": "0",
+            },
+        )
+    stack.procs.pop(name, None)
+    logged = stack.run.log_file(extra).read_text()
+    assert "refusing to start" in logged and "CONVEYOR_ANONYMOUS_TENANT" in logged
+    assert "CONVEYOR_ALLOW_ANONYMOUS_ON_NETWORK" in logged
+    assert await count_jobs(db) == before
 
 
 async def test_the_history_names_who_submitted_cancelled_and_replayed(

@@ -4,7 +4,9 @@ client certificates (mutual TLS)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,19 @@ from tests.stack import Stack
 pytestmark = pytest.mark.integration
 
 MODEL = "claude-sonnet-4-5"
+HEALTHCHECK = Path(__file__).resolve().parents[2] / "deploy" / "healthcheck.py"
+
+
+def _healthcheck(address: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the image's health check script against `address` with only `env`'s TLS settings."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_TLS_")}
+    return subprocess.run(
+        [sys.executable, str(HEALTHCHECK), "grpc", address],
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,22 @@ async def test_the_gateway_serves_tls_with_a_self_signed_certificate(
             await wrong.get(job.id)
 
 
+def test_the_health_check_script_checks_a_gateway_serving_tls(tls_gateway: Stack, pki: Pki) -> None:
+    server = {
+        "CONVEYOR_TLS_CERT_FILE": str(pki.server_cert),
+        "CONVEYOR_TLS_KEY_FILE": str(pki.server_key),
+    }
+    healthy = _healthcheck(tls_gateway.gateway, **server)
+    assert healthy.returncode == 0, healthy.stderr
+    named = _healthcheck(tls_gateway.gateway, **server, CONVEYOR_TLS_SERVER_NAME="localhost")
+    assert named.returncode == 0, named.stderr
+    untrusted = _healthcheck(
+        tls_gateway.gateway, **server, CONVEYOR_TLS_ROOT_CERTS=str(pki.ca_cert)
+    )
+    assert untrusted.returncode == 1, "a certificate the check does not trust is unhealthy"
+    assert _healthcheck(tls_gateway.gateway).returncode == 1, "plaintext to a TLS port"
+
+
 async def test_with_a_client_ca_the_gateway_requires_a_client_certificate(
     stack: Stack, pki: Pki, api_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -131,6 +162,17 @@ async def test_with_a_client_ca_the_gateway_requires_a_client_certificate(
         ) as with_cert:
             stats = await with_cert.stats()
             assert stats.tenant == "default"
+        server = {
+            "CONVEYOR_TLS_CERT_FILE": str(pki.server_cert),
+            "CONVEYOR_TLS_KEY_FILE": str(pki.server_key),
+        }
+        client_cert = {
+            "CONVEYOR_TLS_CLIENT_CERT_FILE": str(pki.client_cert),
+            "CONVEYOR_TLS_CLIENT_KEY_FILE": str(pki.client_key),
+        }
+        checked = _healthcheck(stack.gateway, **server, **client_cert)
+        assert checked.returncode == 0, checked.stderr
+        assert _healthcheck(stack.gateway, **server).returncode == 1, "no client certificate"
         monkeypatch.delenv("CONVEYOR_TLS_CLIENT_CERT_FILE")
         monkeypatch.delenv("CONVEYOR_TLS_CLIENT_KEY_FILE")
         async with ConveyorClient(

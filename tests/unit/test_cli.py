@@ -8,8 +8,11 @@ free port) whose handlers stand in for the gateway and the notifier.
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -23,14 +26,18 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from conveyor.cli import (
-    build_parser,
     build_submit_request,
     exit_code_for,
     format_table,
     main,
+    parse_args,
     parse_key_value,
     stream_job,
 )
+from conveyor.cli.base import exit_code_of_error
+from conveyor.cli.jobs import LaneRates, lanes_view
+from conveyor.cli.ops import Phase, apply_in_batches
+from conveyor.cli.output import message_dict, plain, stats_tables
 from conveyor.client import (
     TERMINAL_STATUSES,
     ConveyorClient,
@@ -40,7 +47,8 @@ from conveyor.client import (
     job_status_name,
     job_status_value,
 )
-from conveyor.v1 import events_pb2, jobs_pb2
+from conveyor.sync_client import SyncConveyorClient
+from conveyor.v1 import events_pb2, jobs_pb2, operations_pb2
 
 JOB_ID = "0b9f6a4e-8d4c-4d59-9a55-1f0f5b7e1a01"
 
@@ -49,7 +57,7 @@ JOB_ID = "0b9f6a4e-8d4c-4d59-9a55-1f0f5b7e1a01"
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    return build_parser().parse_args(list(argv))
+    return parse_args(list(argv))
 
 
 def test_parse_key_value() -> None:
@@ -57,7 +65,7 @@ def test_parse_key_value() -> None:
     assert parse_key_value("url=http://x/?q=1") == ("url", "http://x/?q=1")
     assert parse_key_value("empty=") == ("empty", "")
     for bad in ("novalue", "=b", ""):
-        with pytest.raises(argparse.ArgumentTypeError):
+        with pytest.raises(ValueError):
             parse_key_value(bad)
 
 
@@ -155,7 +163,7 @@ def test_connection_flags_before_or_after_the_command() -> None:
 
 def test_list_status_filters() -> None:
     args = parse("list", "--status", "failed,dead", "--status", "running", "--limit", "5")
-    assert [s for group in args.status for s in group] == [
+    assert [s for group in args.statuses for s in group] == [
         jobs_pb2.JOB_STATUS_FAILED,
         jobs_pb2.JOB_STATUS_DEAD,
         jobs_pb2.JOB_STATUS_RUNNING,
@@ -482,6 +490,8 @@ def sync_fake() -> Iterator[str]:
     def get_job(request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> Any:
         if request.id == "missing":
             context.abort(grpc.StatusCode.NOT_FOUND, "job missing not found")
+        if request.id == "bad":
+            context.abort_with_status(invalid_argument_status())
         return jobs_pb2.GetJobResponse(job=final_job(request.id))
 
     def submit_job(request: jobs_pb2.SubmitJobRequest, context: grpc.ServicerContext) -> Any:
@@ -504,8 +514,8 @@ def sync_fake() -> Iterator[str]:
         server.stop(None)
 
 
-def test_cli_server_error_exits_3(sync_fake: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--gateway", sync_fake, "get", "missing"]) == 3
+def test_cli_refusal_exits_4(sync_fake: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--gateway", sync_fake, "get", "missing"]) == 4
     assert capsys.readouterr().err.strip() == "error: NOT_FOUND: job missing not found"
 
 
@@ -535,3 +545,168 @@ def test_cli_submit_watch_streams_tokens(
 def test_cli_unreachable_gateway_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--gateway", "127.0.0.1:1", "get", JOB_ID]) == 3
     assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+
+
+# --------------------------------------------------------------------------- exit codes, output
+
+
+@pytest.mark.parametrize(
+    ("code", "exit_code"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, 2),
+        (grpc.StatusCode.OUT_OF_RANGE, 2),
+        (grpc.StatusCode.UNAVAILABLE, 3),
+        (grpc.StatusCode.INTERNAL, 3),
+        (grpc.StatusCode.UNKNOWN, 3),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, 3),
+        (grpc.StatusCode.NOT_FOUND, 4),
+        (grpc.StatusCode.PERMISSION_DENIED, 4),
+        (grpc.StatusCode.UNAUTHENTICATED, 4),
+        (grpc.StatusCode.FAILED_PRECONDITION, 4),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, 4),
+    ],
+)
+def test_invalid_input_exits_2_a_server_fault_3_a_refusal_4(
+    code: grpc.StatusCode, exit_code: int
+) -> None:
+    assert exit_code_of_error(ConveyorError(code, "x")) == exit_code
+
+
+def test_cli_invalid_argument_from_the_server_exits_2(
+    sync_fake: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--gateway", sync_fake, "get", "bad"]) == 2
+    assert capsys.readouterr().err.startswith("error: INVALID_ARGUMENT: ")
+
+
+def test_a_bad_flag_value_exits_2_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--status", "finished"]) == 2
+    assert "--status" in capsys.readouterr().err
+    assert main(["submit", "hi", "--priority", "12"]) == 2
+    assert main(["no-such-command"]) == 2
+
+
+def test_json_of_a_message_keeps_numbers_as_numbers() -> None:
+    stats = jobs_pb2.GetStatsResponse(
+        counts={"pending": 3, "succeeded": 12_000_000_000},
+        lanes=[jobs_pb2.LaneStats(lane="bulk", counts={"pending": 3}, queue_depth=2)],
+        dead_letter_depth=1,
+        tokens=jobs_pb2.Usage(input_tokens=10, output_tokens=20),
+        tenant="acme",
+    )
+    stats.run_time_p50.FromMilliseconds(1500)
+    doc = message_dict(stats, defaults=True)
+    assert doc["counts"] == {"pending": 3, "succeeded": 12_000_000_000}
+    assert doc["lanes"] == [{"lane": "bulk", "counts": {"pending": 3}, "queue_depth": 2}]
+    assert doc["dead_letter_depth"] == 1 and doc["run_time_p50"] == 1.5
+    assert doc["tokens"]["input_tokens"] == 10 and doc["tokens"]["output_tokens"] == 20
+
+
+def test_stats_tables_show_each_lane_and_status_with_the_totals() -> None:
+    stats = jobs_pb2.GetStatsResponse(
+        counts={"pending": 4, "running": 1, "succeeded": 1234},
+        lanes=[
+            jobs_pb2.LaneStats(lane="interactive", counts={"running": 1}, queue_depth=0),
+            jobs_pb2.LaneStats(
+                lane="bulk", counts={"pending": 4, "succeeded": 1234}, queue_depth=4
+            ),
+        ],
+        dead_letter_depth=2,
+        tokens=jobs_pb2.Usage(input_tokens=5000, output_tokens=700),
+        tenant="acme",
+    )
+    stats.run_time_p95.FromSeconds(75)
+    lines = plain(*stats_tables(stats)).splitlines()
+    assert lines[0].strip() == "Jobs (tenant acme)"
+    assert lines[1].split()[:5] == ["LANE", "QUEUED", "PENDING", "SCHEDULED", "RUNNING"]
+    assert lines[3].split() == ["bulk", "4", "4", "0", "0", "1,234", "0", "0", "0"]
+    assert lines[4].split() == ["all", "4", "4", "0", "1", "1,234", "0", "0", "0"]
+    summary = lines[-1].split()
+    assert summary[:3] == ["2", "-", "1m15s"] and summary[3:5] == ["5,000", "700"]
+
+
+async def test_bulk_actions_go_in_batches_until_the_phase_is_empty() -> None:
+    """Each batch's jobs leave the filter; the loop stops when fewer than asked match."""
+    waiting = 7
+    calls: list[tuple[int, bool]] = []
+
+    async def act(limit: int, dry_run: bool, phase: Phase) -> operations_pb2.BulkActionResponse:
+        nonlocal waiting
+        calls.append((limit, dry_run))
+        matched = min(limit, waiting)
+        if not dry_run:
+            waiting -= matched
+        return operations_pb2.BulkActionResponse(
+            matched=matched, changed=0 if dry_run else matched, dry_run=dry_run
+        )
+
+    done = await apply_in_batches("cancelled", [Phase()], act, limit=0, batch=3, yes=True)
+    assert done["matched"] == 7 and done["changed"] == 7 and waiting == 0
+    assert calls == [(10_000, True), (3, False), (3, False), (3, False)]
+
+    waiting, calls[:] = 7, []
+    done = await apply_in_batches("cancelled", [Phase()], act, limit=5, batch=3, yes=True)
+    assert done["changed"] == 5 and waiting == 2, "the limit holds over batches"
+    assert calls == [(5, True), (3, False), (2, False)]
+
+
+def test_the_sync_client_has_every_method_of_the_async_client() -> None:
+    public = {n for n in vars(ConveyorClient) if not n.startswith("_")}
+    assert public - set(dir(SyncConveyorClient)) == set()
+
+
+def test_the_client_and_the_cli_import_no_server_module() -> None:
+    """The base install (the client and the CLI) has none of the server's dependencies."""
+    code = (
+        "import sys, conveyor.client, conveyor.sync_client, conveyor.cli\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {"
+        "'sqlalchemy', 'aio_pika', 'aiormq', 'asyncpg', 'alembic', 'anthropic', 'pydantic',"
+        " 'pydantic_settings', 'orjson', 'opentelemetry', 'aiohttp', 'cryptography',"
+        " 'prometheus_client', 'cronsim', 'standardwebhooks'}"
+        " or m in {'conveyor.config', 'conveyor.admin', 'conveyor.db', 'conveyor.auth'}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_sync_client_blocks_iterates_and_raises_the_same_errors(sync_fake: str) -> None:
+    with SyncConveyorClient(sync_fake, sync_fake) as client:
+        assert client.get(JOB_ID).result_text == "Hello"
+        kinds = [e.WhichOneof("payload") for e in client.watch(JOB_ID)]
+        assert kinds == ["snapshot", "token_delta", "token_delta", "status_changed"]
+        assert client.wait(JOB_ID, timeout=10).status == jobs_pb2.JOB_STATUS_SUCCEEDED
+        with pytest.raises(NotFound):
+            client.get("missing")
+    with pytest.raises(RuntimeError):
+        client.get(JOB_ID)
+    client.close()  # a second close does nothing
+
+
+async def test_the_sync_client_works_where_an_event_loop_runs(sync_fake: str) -> None:
+    """As in a notebook: the caller's thread already runs a loop."""
+    with SyncConveyorClient(sync_fake, sync_fake) as client:
+        assert client.get(JOB_ID).id == JOB_ID
+
+
+def test_a_sync_client_dropped_unclosed_stops_its_thread(sync_fake: str) -> None:
+    client = SyncConveyorClient(sync_fake, sync_fake)
+    client.get(JOB_ID)
+    thread = client._thread
+    del client
+    gc.collect()
+    assert not thread.is_alive()
+
+
+def test_lane_rates_are_jobs_per_second_between_two_samples() -> None:
+    def sample(pending: int, done: int) -> jobs_pb2.GetStatsResponse:
+        counts = {"pending": pending, "succeeded": done}
+        return jobs_pb2.GetStatsResponse(lanes=[jobs_pb2.LaneStats(lane="bulk", counts=counts)])
+
+    rates = LaneRates()
+    rates.sample(sample(10, 0), now=100.0)
+    assert rates.done_per_s == {}, "no rate from one sample"
+    rates.sample(sample(14, 6), now=102.0)
+    assert rates.done_per_s == {"bulk": 3.0} and rates.new_per_s == {"bulk": 5.0}
+    assert "3.0" in plain(lanes_view(sample(14, 6), rates, {"bulk": "all tenants"}))

@@ -1,6 +1,7 @@
 """The deployment files in deploy/, checked without a Docker engine or a cluster.
 
-- `deploy/Dockerfile` builds one non-root image for every process from `pip install .`.
+- `deploy/Dockerfile` builds one non-root image for every process: the locked runtime
+  dependencies, then `pip install --no-deps .`.
 - `deploy/docker-compose.yml` is valid by the Compose Specification's JSON schema and
   hangs together: dependencies, health checks, the modules its commands run, the
   settings its variables set, the URLs that join the services, limits and volumes.
@@ -65,6 +66,7 @@ MODULES = {
     "worker": "services.worker",
     "dispatcher": "services.dispatcher",
     "simulator": "conveyor.simulator",
+    "http": "services.http",
 }
 """Each Conveyor process, by its compose service / Deployment name, and what it runs."""
 SERVICES = ("gateway", "notifier", "worker", "dispatcher")
@@ -90,13 +92,25 @@ def compose_service(name: str) -> dict[str, Any]:
     return service
 
 
-def compose_env(name: str) -> dict[str, str | None]:
-    """A compose service's environment as a dict (either syntax); None is value-less."""
+COMPOSE_VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def compose_env(name: str, shell: dict[str, str] | None = None) -> dict[str, str | None]:
+    """A compose service's environment as a dict (either syntax); None is value-less.
+
+    `${VAR:-default}` is interpolated as compose does, from `shell` (empty by default).
+    """
     env = compose_service(name).get("environment") or {}
     if isinstance(env, list):
         pairs = (item.partition("=") for item in env)
-        return {key: (value if sep else None) for key, sep, value in pairs}
-    return {str(k): None if v is None else str(v) for k, v in env.items()}
+        raw = {key: (value if sep else None) for key, sep, value in pairs}
+    else:
+        raw = {str(k): None if v is None else str(v) for k, v in env.items()}
+
+    def interpolate(match: re.Match[str]) -> str:
+        return (shell or {}).get(match.group(1)) or match.group(2) or ""
+
+    return {k: None if v is None else COMPOSE_VARIABLE.sub(interpolate, v) for k, v in raw.items()}
 
 
 @functools.cache
@@ -343,7 +357,8 @@ def test_the_image_is_built_in_stages_from_python_311_slim() -> None:
 
 def test_the_image_installs_the_project_without_dev_dependencies() -> None:
     runs = [args for ins, args in dockerfile_instructions() if ins == "RUN"]
-    assert "pip install ." in runs
+    assert "pip install --require-hashes --no-deps -r requirements.lock" in runs
+    assert "pip install --no-deps . && pip check" in runs
     assert not any("[dev]" in run or "pip install -e" in run for run in runs)
     assert not any(ins == "RUN" and "pip" in args for ins, args in final_stage()), (
         "the runtime stage copies the venv; it installs nothing"
@@ -480,6 +495,9 @@ def test_conveyor_healthchecks_use_the_image_script_on_the_service_port(
     elif name == "simulator":
         port = simulator_from(compose_env(name)).port
         assert [kind, *target] == ["http", f"http://127.0.0.1:{port}/healthz"]
+    elif name == "http":
+        port = settings_from(compose_env(name), monkeypatch).http_port
+        assert [kind, *target] == ["http", f"http://127.0.0.1:{port}/healthz"]
     else:  # the worker and the dispatcher listen on nothing: they must hold the broker
         assert [kind, *target] == ["amqp"]
 
@@ -495,7 +513,7 @@ def test_compose_environment_is_valid_configuration(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = settings_from(compose_env(name), monkeypatch)
-    assert settings.anthropic_api_key is None, "without a key in the shell: the simulator"
+    assert settings.anthropic_api_key is None, "no key unless the shell has one"
     assert settings.metrics_host == "0.0.0.0", "/metrics reachable from the compose network"
     if name in GRPC_PORT_FIELDS:
         host = settings.gateway_host if name == "gateway" else settings.notifier_host
@@ -504,14 +522,62 @@ def test_compose_environment_is_valid_configuration(
         assert compose_service(name)["ports"] == [f"127.0.0.1:{port}:{port}"]
 
 
-def test_the_worker_calls_the_simulator_service(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_worker_calls_the_real_api_unless_the_shell_asks_for_the_simulator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     settings = settings_from(compose_env("worker"), monkeypatch)
+    assert settings.provider == "anthropic"
+    assert settings.provider_base_url == "https://api.anthropic.com"
+    # The key passes through from the shell only (never written in the file).
+    assert compose_env("worker")["ANTHROPIC_API_KEY"] is None
+    assert all("ANTHROPIC_API_KEY" not in compose_env(n) for n in MODULES if n != "worker")
+
+    simulated = compose_env("worker", shell={"CONVEYOR_PROVIDER": "simulator"})
+    settings = settings_from(simulated, monkeypatch)
     simulator = simulator_from(compose_env("simulator"))
     assert simulator.host == "0.0.0.0"
     assert settings.provider_base_url == f"http://simulator:{simulator.port}"
-    # The real API is opt-in: the key passes through from the shell only when set there.
-    assert compose_env("worker")["ANTHROPIC_API_KEY"] is None
-    assert all("ANTHROPIC_API_KEY" not in compose_env(n) for n in MODULES if n != "worker")
+
+
+def anonymous_problem(settings: Settings, name: str) -> str | None:
+    """Why a service with these settings would refuse to start over its anonymous tenant."""
+    from conveyor.config import ConfigError
+    from conveyor.runtime import check_anonymous
+
+    host = getattr(settings, f"{name}_host", None)
+    if host is None:
+        return None
+    try:
+        check_anonymous(settings, host, name, warn=False)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_no_deployed_service_takes_key_less_calls_on_the_network(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for env in (compose_env(name), container_env(the_container(k8s_get("Deployment", name)))):
+        settings = settings_from(env, monkeypatch)
+        assert settings.anonymous_tenant is None, "every call needs an API key"
+        assert not settings.allow_anonymous_on_network
+        assert anonymous_problem(settings, name) is None
+
+
+@pytest.mark.parametrize("name", list(GRPC_PORT_FIELDS))
+def test_an_anonymous_tenant_on_a_deployed_listener_would_refuse_to_start(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {**compose_env(name), "CONVEYOR_ANONYMOUS_TENANT": "default"}
+    problem = anonymous_problem(settings_from(env, monkeypatch), name)
+    assert problem is not None and "0.0.0.0" in problem
+
+
+def test_deployed_workers_call_the_real_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    k8s = settings_from(container_env(the_container(k8s_get("Deployment", "worker"))), monkeypatch)
+    assert k8s.provider == "anthropic"
+    assert settings_from(compose_env("worker"), monkeypatch).provider == "anthropic"
 
 
 @pytest.mark.parametrize("name", SERVICES)
@@ -962,3 +1028,51 @@ def test_healthcheck_amqp_looks_for_an_established_connection_to_the_broker_port
 def test_healthcheck_refuses_an_unknown_check(healthcheck: ModuleType) -> None:
     assert healthcheck.main([]) == 2
     assert healthcheck.main(["tcp", "127.0.0.1:1"]) == 2
+
+
+# ------------------------------------------------------------------ webhook signing secrets
+
+WEBHOOK_KEY_HOLDERS = ("gateway", "notifier")
+"""The notifier signs; the gateway's container is where operators run
+`conveyor webhooks secret rotate` (it seals with the same key). Nothing else needs it."""
+
+
+def stack_webhook_keys(
+    envs: dict[str, dict[str, str | None]], monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str | None]:
+    keys: dict[str, str | None] = {}
+    for name, env in envs.items():
+        key = settings_from(env, monkeypatch).webhook_secrets_key
+        keys[name] = key.get_secret_value() if key is not None else None
+    return keys
+
+
+def assert_webhooks_can_be_signed(keys: dict[str, str | None]) -> None:
+    """A secret made where the CLI runs opens in the notifier, which can then sign."""
+    from conveyor.webhooks import SecretBox, new_secret, signed_headers, verify_signature
+
+    made, signer = keys["gateway"], keys["notifier"]
+    assert made is not None and signer is not None, "without the key no webhook is sent"
+    secret = new_secret()
+    sealed = SecretBox(made).seal("acme", "id-1", secret)
+    opened = SecretBox(signer).open("acme", "id-1", sealed)
+    headers = signed_headers([opened], b"{}", "d1", "job.succeeded")
+    assert verify_signature(secret, b"{}", headers)
+    assert all(keys[n] is None for n in SERVICES if n not in WEBHOOK_KEY_HOLDERS), (
+        "only the services that need it hold the key"
+    )
+
+
+def test_compose_gives_the_notifier_and_the_cli_one_key_for_webhook_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keys = stack_webhook_keys({n: compose_env(n) for n in SERVICES}, monkeypatch)
+    assert_webhooks_can_be_signed(keys)
+
+
+def test_kubernetes_gives_the_notifier_and_the_cli_one_key_for_webhook_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    envs = {n: container_env(the_container(k8s_get("Deployment", n))) for n in SERVICES}
+    keys = stack_webhook_keys(envs, monkeypatch)
+    assert_webhooks_can_be_signed(keys)

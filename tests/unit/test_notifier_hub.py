@@ -8,7 +8,7 @@ from typing import Any, cast
 from aio_pika.abc import AbstractIncomingMessage
 
 from conveyor.catchup import TextSoFar
-from conveyor.events import BATCH_CONTENT_TYPE, EVENT_CONTENT_TYPE
+from conveyor.events import BATCH_CONTENT_TYPE, EVENT_CONTENT_TYPE, TEXT
 from conveyor.v1 import events_pb2, jobs_pb2
 from services.notifier.hub import Hub, Watcher
 
@@ -94,7 +94,9 @@ async def test_a_log_over_its_cap_drops_its_oldest_deltas_and_says_so() -> None:
 async def test_the_workers_answer_completes_a_log_joined_mid_attempt_without_overlap() -> None:
     hub = Hub()
     await feed(hub, delta(13, "bc", 3), delta(14, "d", 4))
-    answer = TextSoFar(JOB, 1, base_seq=10, deltas=[(1, "a"), (3, "bc")])
+    answer = TextSoFar(
+        JOB, 1, base_seq=10, deltas=[(1, "a", TEXT, 0, "", ""), (3, "bc", TEXT, 0, "", "")]
+    )
 
     hub.merge(answer, "t")
 

@@ -8,12 +8,12 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import anthropic
-import httpx2
 import pytest
 
 from conveyor.simulator import RunningSimulator, SimulatorConfig, start_simulator
 from conveyor.simulator.__main__ import parse_config
 from conveyor.simulator.app import plan_generation
+from services.worker.provider import classify
 
 MODEL = "claude-sim-1"
 MESSAGES: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Say something."}]
@@ -170,10 +170,15 @@ async def test_injected_http_errors(
 
 @pytest.mark.asyncio
 async def test_drop_mid_stream() -> None:
-    """A dropped stream surfaces as httpx2.RemoteProtocolError (not wrapped by the SDK)."""
+    """A stream dropped half way fails the call with an error the worker retries.
+
+    Which exception the SDK raises for it changes between releases (2.12 let the
+    transport's error through; 2.17 wraps it in APIConnectionError), so this checks
+    the behaviour the worker relies on: the call fails, and `classify` calls it transient.
+    """
     async with simulator_and_client() as (sim, client):
         deltas: list[str] = []
-        with pytest.raises(httpx2.RemoteProtocolError):
+        with pytest.raises(Exception) as streamed:
             async with client.messages.stream(
                 model=MODEL, max_tokens=100, messages=MESSAGES, extra_headers={"x-sim-fail": "drop"}
             ) as stream:
@@ -181,13 +186,16 @@ async def test_drop_mid_stream() -> None:
                     deltas.append(text)
         # Half the answer came before the drop.
         assert len(deltas) == 12
-        # Dropped before the answer of a whole message: the SDK wraps it.
-        with pytest.raises(anthropic.APIConnectionError):
+        # Dropped before the answer of a whole message.
+        with pytest.raises(Exception) as created:
             await client.messages.create(
                 model=MODEL, max_tokens=10, messages=MESSAGES, extra_headers={"x-sim-fail": "drop"}
             )
         # The simulator still serves afterwards.
         ok = await client.messages.create(model=MODEL, max_tokens=10, messages=MESSAGES)
+    for failure in (streamed.value, created.value):
+        error = classify(failure)
+        assert (error.code, error.retryable) == ("connection_error", True), failure
     assert ok.stop_reason == "max_tokens"
     assert sim.stats.failures_injected_by_kind == {"drop": 2}
 

@@ -1,62 +1,131 @@
-"""Webhook signatures, bodies, retry delays and the address rules, without a network."""
+"""Webhook signatures (Standard Webhooks), stored secrets, bodies, retry delays, the
+address rules and what the per-host cap counts, without a network."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
+import socket
 from datetime import UTC, datetime
+from typing import Any, cast
 
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
+from sqlalchemy.ext.asyncio import AsyncEngine
+from standardwebhooks import Webhook, WebhookVerificationError
 
+from conveyor.config import Settings
 from conveyor.webhooks import (
+    SecretBox,
     address_refusal,
+    new_secret,
     parse_networks,
     retry_delay_s,
+    secret_bytes,
+    secret_text,
     signature,
     signed_headers,
     verify_signature,
     webhook_body,
 )
+from services.notifier.webhooks import WebhookSender, address_key
 
-SECRET = "whsec-unit"
+SECRET = secret_text(b"unit-test-secret-of-32-bytes!!!!")
+OTHER = secret_text(b"another tenant's secret 32 bytes")
 NOW = 1_800_000_000.0
+BODY = b'{"id": "d1", "type": "job.succeeded"}'
 
 
 def test_a_signed_body_verifies_with_the_same_secret_only() -> None:
-    body = b'{"id": "d1", "type": "job.succeeded"}'
-    headers = signed_headers(SECRET, body, "d1", "job.succeeded", now=NOW)
-    ts, sig = headers["Conveyor-Timestamp"], headers["Conveyor-Signature"]
+    headers = signed_headers([SECRET], BODY, "d1", "job.succeeded", now=NOW)
 
-    assert verify_signature(SECRET, body, ts, sig, now=NOW)
-    assert not verify_signature("other", body, ts, sig, now=NOW)
-    assert not verify_signature(SECRET, body + b" ", ts, sig, now=NOW)
-    assert not verify_signature(SECRET, body, str(int(NOW) + 1), sig, now=NOW)
-    assert headers["Conveyor-Delivery"] == "d1" and headers["Conveyor-Event"] == "job.succeeded"
+    assert verify_signature(SECRET, BODY, headers, now=NOW)
+    assert not verify_signature(OTHER, BODY, headers, now=NOW)
+    assert not verify_signature(SECRET, BODY + b" ", headers, now=NOW)
+    assert not verify_signature(SECRET, BODY, {**headers, "webhook-id": "d2"}, now=NOW)
+    assert not verify_signature(
+        SECRET, BODY, {**headers, "webhook-timestamp": str(int(NOW) + 1)}, now=NOW
+    )
+    assert headers["webhook-id"] == "d1" and headers["Conveyor-Event"] == "job.succeeded"
+    assert headers["Content-Type"] == "application/json"
 
 
-def test_the_signature_is_an_hmac_sha256_of_timestamp_dot_body() -> None:
-    body = b"{}"
-    expected = hmac.new(SECRET.encode(), b"1800000000.{}", hashlib.sha256).hexdigest()
-    assert signature(SECRET, 1_800_000_000, body) == f"v1={expected}"
+def test_the_standard_webhooks_library_verifies_a_signed_body() -> None:
+    headers = signed_headers([SECRET], BODY, "d1", "job.succeeded")  # signed now
+
+    assert Webhook(SECRET).verify(BODY, headers) == json.loads(BODY)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(OTHER).verify(BODY, headers)
+
+
+def test_the_signature_is_a_base64_hmac_sha256_of_id_dot_timestamp_dot_body() -> None:
+    mac = hmac.new(secret_bytes(SECRET), b"d1.1800000000." + BODY, hashlib.sha256).digest()
+    assert signature(SECRET, "d1", 1_800_000_000, BODY) == "v1," + base64.b64encode(mac).decode()
+    headers = signed_headers([SECRET], BODY, "d1", "job.succeeded", now=NOW)
+    assert headers["webhook-timestamp"] == "1800000000"
+    assert headers["webhook-signature"] == "v1," + base64.b64encode(mac).decode()
 
 
 def test_an_old_or_future_signature_is_refused_as_a_replay() -> None:
-    body = b"{}"
-    sig = signature(SECRET, int(NOW), body)
-    assert verify_signature(SECRET, body, str(int(NOW)), sig, now=NOW + 299)
-    assert not verify_signature(SECRET, body, str(int(NOW)), sig, now=NOW + 301)
-    assert not verify_signature(SECRET, body, str(int(NOW)), sig, now=NOW - 301)
-    assert not verify_signature(SECRET, body, "not a number", sig, now=NOW)
+    headers = signed_headers([SECRET], BODY, "d1", "job.succeeded", now=NOW)
+    assert verify_signature(SECRET, BODY, headers, now=NOW + 299)
+    assert not verify_signature(SECRET, BODY, headers, now=NOW + 301)
+    assert not verify_signature(SECRET, BODY, headers, now=NOW - 301)
+    assert not verify_signature(SECRET, BODY, {**headers, "webhook-timestamp": "x"}, now=NOW)
+    assert not verify_signature(SECRET, BODY, {**headers, "webhook-timestamp": "9" * 40}, now=NOW)
 
 
-def test_one_matching_signature_among_several_is_enough() -> None:
-    body = b"{}"
-    good = signature(SECRET, int(NOW), body)
-    stale = signature("previous secret", int(NOW), body)
-    assert verify_signature(SECRET, body, str(int(NOW)), f"{stale}, {good}", now=NOW)
-    assert not verify_signature(SECRET, body, str(int(NOW)), stale, now=NOW)
-    assert not verify_signature(SECRET, body, str(int(NOW)), "", now=NOW)
+def test_during_a_rotation_both_secrets_sign_and_either_verifies() -> None:
+    headers = signed_headers([SECRET, OTHER], BODY, "d1", "job.succeeded")
+    parts = headers["webhook-signature"].split(" ")
+
+    assert len(parts) == 2 and all(p.startswith("v1,") for p in parts)
+    for secret in (SECRET, OTHER):
+        assert verify_signature(secret, BODY, headers)
+        Webhook(secret).verify(BODY, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret_text(new_secret())).verify(BODY, headers)
+
+
+def test_nothing_is_signed_without_a_secret() -> None:
+    with pytest.raises(ValueError, match="never sent unsigned"):
+        signed_headers([], BODY, "d1", "job.succeeded")
+    headers = signed_headers([SECRET], BODY, "d1", "job.succeeded", now=NOW)
+    assert not verify_signature(SECRET, BODY, {**headers, "webhook-signature": ""}, now=NOW)
+
+
+def test_secrets_are_random_whsec_base64_that_standard_webhooks_accepts() -> None:
+    one, two = new_secret(), new_secret()
+    assert one != two and len(one) == 32
+    text = secret_text(one)
+    assert text.startswith("whsec_") and secret_bytes(text) == one
+    assert Webhook(text).sign("d1", datetime.fromtimestamp(NOW, UTC), BODY) == signature(
+        one, "d1", int(NOW), BODY
+    )
+    for bad in ("plain", "whsec_", "whsec_not base64!"):
+        with pytest.raises(ValueError, match="webhook secret"):
+            secret_bytes(bad)
+
+
+KEY = "unit-test-webhook-secrets-key-0123456789"
+
+
+def test_a_stored_secret_opens_only_with_its_key_tenant_and_id() -> None:
+    box = SecretBox(KEY)
+    secret = new_secret()
+    sealed = box.seal("acme", "id-1", secret)
+
+    assert secret not in sealed, "stored encrypted"
+    assert box.open("acme", "id-1", sealed) == secret
+    for tenant, secret_id, key in (("other", "id-1", KEY), ("acme", "id-2", KEY)):
+        with pytest.raises(ValueError, match="does not open"):
+            SecretBox(key).open(tenant, secret_id, sealed)
+    with pytest.raises(ValueError, match="does not open"):
+        SecretBox(KEY + "x").open("acme", "id-1", sealed)
+    with pytest.raises(ValueError, match="at least 32"):
+        SecretBox("short")
 
 
 def test_the_body_describes_the_change_and_the_job_without_its_request() -> None:
@@ -144,3 +213,53 @@ def test_retry_delays_grow_with_jitter_up_to_the_cap_and_honour_retry_after() ->
             assert ceiling / 2 <= delay <= ceiling
     assert retry_delay_s(1, 1.0, 60.0, retry_after_s=30.0) >= 30.0
     assert retry_delay_s(1, 1.0, 60.0, retry_after_s=3600.0) <= 60.0
+
+
+class FakeResolver(AbstractResolver):
+    """Names to addresses, as DNS would answer (wildcard subdomains of one machine)."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.lookups = 0
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.lookups += 1
+        if host not in self.table:
+            raise OSError(f"{host} does not resolve")
+        return [
+            ResolveResult(hostname=host, host=a, port=port, family=family, proto=0, flags=0)
+            for a in self.table[host]
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_per_host_cap_counts_names_of_one_address_as_one_host() -> None:
+    sender = WebhookSender(Settings(), cast(AsyncEngine, None), "unit")
+    resolver = FakeResolver(
+        {
+            "a.evil.example": ["203.0.113.7"],
+            "b.evil.example": ["203.0.113.7"],
+            "c.other.example": ["::ffff:203.0.113.7"],
+            "shop.example": ["198.51.100.1", "198.51.100.2"],
+        }
+    )
+    sender.resolver = resolver
+    keys: dict[str, Any] = {h: await sender.host_key(h) for h in resolver.table}
+
+    assert keys["a.evil.example"] == keys["b.evil.example"] == keys["c.other.example"]
+    assert keys["a.evil.example"] == await sender.host_key("203.0.113.7")
+    assert keys["shop.example"] == "198.51.100.1"
+    assert await sender.host_key("nowhere.example") == "nowhere.example"
+    lookups = resolver.lookups
+    await sender.host_key("a.evil.example")
+    assert resolver.lookups == lookups, "kept for a while, as aiohttp's DNS cache does"
+
+
+def test_an_address_counts_as_its_canonical_form() -> None:
+    assert address_key("::ffff:10.0.0.1") == "10.0.0.1"
+    assert address_key("fe80::1%eth0") == "fe80::1"
+    assert address_key("2001:DB8::1") == "2001:db8::1"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import anthropic
 import httpx2
@@ -13,8 +14,9 @@ import pytest
 from anthropic._streaming import SSEDecoder
 
 from conveyor.broker import JobMessage
+from conveyor.config import Settings
 from services.worker.provider import classify, sse_events
-from services.worker.runner import backoff_s
+from services.worker.runner import InFlight, JobRunner, backoff_s, lease_hold_s
 
 
 def _status_error(
@@ -134,3 +136,26 @@ def test_stream_events_are_those_the_sdk_decodes_however_the_bytes_arrive(name: 
     assert expected, "the SDK finds events in every example"
     for size in range(1, len(data) + 1):  # every split, down to a byte at a time
         assert asyncio.run(_ours(data, size)) == expected, f"chunks of {size} bytes"
+
+
+def test_a_worker_gives_up_an_unrenewed_lease_a_heartbeat_before_the_sweeper_may_take_it() -> None:
+    assert lease_hold_s(lease_s=30, heartbeat_s=5) == 25
+    assert lease_hold_s(lease_s=4, heartbeat_s=1) == 3
+    assert lease_hold_s(lease_s=4, heartbeat_s=3) == 2, "never less than half the lease"
+
+
+async def test_only_calls_whose_lease_was_not_renewed_in_time_are_aborted() -> None:
+    runner = JobRunner(Settings(), cast(Any, None), cast(Any, None), cast(Any, None))
+    never = asyncio.Event()
+    stale = InFlight(job_id=uuid.uuid4(), lease=uuid.uuid4(), renewed_at=0.0)
+    fresh = InFlight(job_id=uuid.uuid4(), lease=uuid.uuid4())
+    for entry in (stale, fresh):
+        entry.task = asyncio.create_task(never.wait())  # type: ignore[arg-type]
+        runner.inflight[entry.job_id] = entry
+    assert runner.abort_unrenewed(hold_s=60) == 1
+    assert stale.lease_lost and not fresh.lease_lost
+    await asyncio.sleep(0)
+    assert stale.task is not None and stale.task.cancelled()
+    assert fresh.task is not None and not fresh.task.done()
+    assert runner.abort_unrenewed(hold_s=60) == 0, "an aborted call is aborted once"
+    fresh.task.cancel()

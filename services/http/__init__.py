@@ -1,0 +1,1 @@
+"""The HTTP/JSON API of Conveyor (JobService and JobEvents, Server-Sent Events)."""
