@@ -168,6 +168,11 @@ def number(value: int | float) -> str:
     return f"{value:,}"
 
 
+def dollars(micros: int) -> str:
+    """Micro-dollars as dollars: $12.345678."""
+    return f"${micros / 1_000_000:,.6f}"
+
+
 # --------------------------------------------------------------------------- jobs
 
 
@@ -254,7 +259,8 @@ def _statuses(counts: Iterable[str]) -> list[str]:
 
 def stats_tables(stats: jobs_pb2.GetStatsResponse) -> list[RenderableType]:
     """`conveyor stats`: jobs per lane and status with queue depths, then run times,
-    tokens and the dead-letter depth; with all tenants, a table per tenant too."""
+    tokens and the dead-letter depth; with all tenants, a table per tenant too; then
+    cost and the prompt cache's savings per tenant, model and lane."""
     statuses = _statuses([*stats.counts, *(k for lane in stats.lanes for k in lane.counts)])
     who = "all tenants" if stats.tenant == "*" else f"tenant {stats.tenant or '-'}"
     lanes = table("LANE", "QUEUED", *(s.upper() for s in statuses), title=f"Jobs ({who})")
@@ -298,4 +304,22 @@ def stats_tables(stats: jobs_pb2.GetStatsResponse) -> list[RenderableType]:
                 number(t.tokens.output_tokens),
             )
         out.append(per)
+    if stats.costs:
+        costs = table(
+            "TENANT", "MODEL", "LANE", "JOBS", "UNPRICED", "COST", "CACHE READ", "CACHE SAVED"
+        )
+        for column in costs.columns[3:]:
+            column.justify = "right"
+        for c in stats.costs:
+            costs.add_row(
+                c.tenant,
+                c.model,
+                c.lane,
+                number(c.jobs),
+                number(c.unpriced_jobs),
+                dollars(c.cost_micros),
+                f"{c.cache_read_ratio:.1%}",
+                dollars(c.cache_saved_micros),
+            )
+        out.append(costs)
     return out

@@ -357,14 +357,11 @@ class JobRunner:
             done["status"],
             extra={"job_id": str(job.job_id), "attempt": done["attempts"]},
         )
-        if outcome.status is JobState.DEAD:
-            # Through the DLX like every dead job's message. The job is written dead
-            # already (reason and last error), so the dispatcher finds it finished and
-            # drops the dead letter; the x-death data matters only for messages RabbitMQ
-            # dead-lettered itself, whose jobs the dispatcher marks dead.
-            await message.reject(requeue=False)
-        else:
-            await message.ack()
+        # Acked even when the job is dead: it is written dead already (reason and last
+        # error). A dead letter would add nothing, and one still queued when RetryJob
+        # revives the job would make the dispatcher kill the revived job again. The DLX
+        # is for messages this worker could not record (poison, unexpected errors).
+        await message.ack()
 
     async def _hand_back(
         self,

@@ -230,6 +230,8 @@ async def test_a_job_submitted_over_grpc_appears_in_the_table_and_streams_in_its
     await expect(page.locator("#job-status")).to_contain_text("succeeded", timeout=WAIT_MS)
     await expect(page.locator("#answer .block-text pre")).to_have_text(done.result_text)
     await expect(page.locator("#usage")).to_contain_text(str(done.usage.output_tokens))
+    assert done.priced, "the simulator's models are priced"
+    await expect(page.locator("#cost")).to_have_text(f"${done.cost_micros / 1e6:.6f}")
     await expect(page.locator("#history tbody tr")).to_have_count(3)  # pending, running, done
     assert done.trace_id, "the test stack traces its jobs"
     trace = page.locator("#trace-link")

@@ -91,6 +91,36 @@ async def test_retry_job_replays_a_failed_job_and_keeps_its_history(
     assert (await job_history(db, job.id)).count("failed") == 2
 
 
+async def test_a_dead_job_retried_at_once_runs_again_whatever_the_dispatcher_does(
+    client: ConveyorClient, db: AsyncEngine, stack: Stack
+) -> None:
+    """A job the worker wrote dead leaves no dead letter behind: one still queued when
+    RetryJob revives the job would make the dispatcher kill the revived job again."""
+    stack.stop("dispatcher")
+    try:
+        job = await client.submit(
+            MODEL,
+            "x",
+            max_tokens=8,
+            max_attempts=1,
+            labels={"x-sim-fail": "529", "x-sim-fail-attempts": "1"},
+        )
+        dead = await client.wait(job.id, 30)
+        assert dead.status == jobs_pb2.JOB_STATUS_DEAD
+        stack.stop("worker")
+        assert (await client.retry(job.id)).status == jobs_pb2.JOB_STATUS_PENDING
+    finally:
+        stack.start("dispatcher")
+    try:
+        await asyncio.sleep(2)  # the dispatcher consumes whatever waits in conveyor.dead
+        assert (await client.get(job.id)).status == jobs_pb2.JOB_STATUS_PENDING
+    finally:
+        stack.start("worker")
+    done = await client.wait(job.id, 30)
+    assert done.status == jobs_pb2.JOB_STATUS_SUCCEEDED and done.attempts == 2
+    assert (await job_history(db, job.id))[-4:] == ["dead", "pending", "running", "succeeded"]
+
+
 async def test_a_queued_job_survives_a_worker_restart(client: ConveyorClient, stack: Stack) -> None:
     stack.stop("worker")
     try:

@@ -625,6 +625,40 @@ def test_stats_tables_show_each_lane_and_status_with_the_totals() -> None:
     assert summary[:3] == ["2", "-", "1m15s"] and summary[3:5] == ["5,000", "700"]
 
 
+def test_stats_tables_show_cost_and_cache_savings_per_tenant_model_and_lane() -> None:
+    stats = jobs_pb2.GetStatsResponse(
+        tenant="acme",
+        costs=[
+            jobs_pb2.CostStats(
+                tenant="acme",
+                model="claude-sonnet-4-5",
+                lane="default",
+                jobs=12,
+                unpriced_jobs=0,
+                cost_micros=1_234_567,
+                cache_read_ratio=0.25,
+                cache_saved_micros=90_000,
+            ),
+            jobs_pb2.CostStats(
+                tenant="acme", model="claude-new", lane="bulk", jobs=3, unpriced_jobs=3
+            ),
+        ],
+    )
+    lines = plain(*stats_tables(stats)).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["TENANT", "MODEL"])
+    assert lines[header + 1].split() == [
+        "acme",
+        "claude-sonnet-4-5",
+        "default",
+        "12",
+        "0",
+        "$1.234567",
+        "25.0%",
+        "$0.090000",
+    ]
+    assert lines[header + 2].split()[3:5] == ["3", "3"], "unpriced jobs are counted as such"
+
+
 async def test_bulk_actions_go_in_batches_until_the_phase_is_empty() -> None:
     """Each batch's jobs leave the filter; the loop stops when fewer than asked match."""
     waiting = 7

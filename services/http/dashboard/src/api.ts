@@ -163,9 +163,9 @@ export interface Job {
   sequence: string;
   contentJson?: ContentBlock[];
   requestJson?: unknown;
-  /** Not in the contract today: shown when a server reports it. */
-  cost?: unknown;
-  costUsd?: unknown;
+  /** Micro-dollars (an int64, so a JSON string); meaningful when `priced`. */
+  costMicros?: string;
+  priced?: boolean;
 }
 
 export interface ListJobsResponse {

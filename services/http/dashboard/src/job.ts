@@ -1,6 +1,6 @@
 // One job's page: its answer streaming live over SSE (GET /v1/jobs/{id}/events),
 // its content blocks once finished (text, tool_use input as JSON, thinking),
-// history, usage, cost when the server reports one, and a trace link when the
+// history, usage, cost (once an attempt finished), and a trace link when the
 // server has a Jaeger URL.
 
 import {
@@ -62,13 +62,17 @@ function usageRows(job: Job): HTMLElement[] {
     ["cache read tokens", u.cacheReadInputTokens],
     ["service tier", u.serviceTier],
   ];
-  const cost = job.costUsd ?? job.cost;
+  const cost = job.priced
+    ? `$${(Number(job.costMicros ?? "0") / 1e6).toFixed(6)}`
+    : job.finishedAt
+      ? "unpriced (model not in the price table)"
+      : "not known yet";
   return [
     h(
       "dl",
       { class: "facts", id: "usage" },
       ...rows.flatMap(([k, v]) => field(k, v || "0")),
-      ...field("cost", cost === undefined ? "not reported by the API" : typeof cost === "number" ? `$${cost.toFixed(4)}` : String(cost), "cost"),
+      ...field("cost", cost, "cost"),
     ),
   ];
 }
