@@ -221,7 +221,7 @@ async def test_operator_lists_are_tables_and_json_on_the_database(
             check=False,
         )
 
-    key = operator("keys", "create", "--tenant", tenant, "--name", "ci").stdout.strip()
+    key = operator("keys", "create", "--tenant", tenant, "--name", "ci-lists").stdout.strip()
     limited = operator("tenants", "set", tenant, "--max-running", "5")
     keys = json.loads(operator("keys", "list", "--tenant", tenant, "--json").stdout)
     tenants = json.loads(operator("tenants", "list", "--json").stdout)
@@ -234,7 +234,7 @@ async def test_operator_lists_are_tables_and_json_on_the_database(
     budgets = json.loads(operator("tenants", "list", "--json").stdout)
 
     assert key.startswith("cvk_") and limited.returncode == 0, limited.stderr
-    assert [(k["tenant"], k["name"], k["role"]) for k in keys] == [(tenant, "ci", "member")]
+    assert [(k["tenant"], k["name"], k["role"]) for k in keys] == [(tenant, "ci-lists", "member")]
     assert key not in json.dumps(keys), "never the key itself"
     [row] = [t for t in tenants if t["tenant"] == tenant]
     assert row["max_running"] == 5, "a number"

@@ -249,7 +249,11 @@ async def test_keys_are_created_listed_and_revoked_with_the_cli(
     assert key.startswith("cvk_") and "\n" not in key
     async with db.connect() as conn:
         stored = (
-            await conn.execute(sa.text("SELECT key_hash, prefix FROM api_keys WHERE name = 'ci'"))
+            await conn.execute(
+                sa.text(
+                    "SELECT key_hash, prefix FROM api_keys WHERE tenant = 'cli-t' AND name = 'ci'"
+                )
+            )
         ).one()
     assert key not in stored.key_hash and key.startswith(stored.prefix), "stored hashed"
 

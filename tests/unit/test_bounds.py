@@ -6,6 +6,7 @@ names become metric labels only when known or allowed."""
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,15 @@ from services.worker.provider import check_provider
 from services.worker.runner import JobRunner, simulator_headers
 
 WIDE = "\U0001f600"  # 4 bytes in UTF-8: the most a character of a limit can take
+
+
+@pytest.fixture(autouse=True)
+def _no_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings here are the defaults plus each test's values: a test stack of the
+    same run leaves its ports and URLs in os.environ (conveyor.sandbox)."""
+    for name in list(os.environ):
+        if name.startswith(("CONVEYOR_", "ANTHROPIC_")):
+            monkeypatch.delenv(name)
 
 
 def _settings(**values: object) -> Settings:
