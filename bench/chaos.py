@@ -424,8 +424,15 @@ async def worker_kill(chaos: Chaos, rounds: int = 10, jobs: int = 60, want: int 
         polled_at = time.time()
         await chaos.kill("worker")
         killed_at = time.time()
-        # Calls that started between the poll and the kill were in flight too.
-        in_flight = max(in_flight, chaos.in_flight_between(polled_at, killed_at))
+        # Calls that started between the poll and the kill were in flight too; so was
+        # every job the dead worker had claimed (its call may have been on its way).
+        claimed = await chaos.query(
+            "SELECT count(*)::int AS n FROM jobs WHERE id = ANY($1::uuid[]) AND status = 'running'",
+            list(sub.accepted),
+        )
+        in_flight = max(
+            in_flight, chaos.in_flight_between(polled_at, killed_at), int(claimed[0]["n"])
+        )
         row.in_flight += in_flight
         await chaos.start("worker")
         done = await chaos.settle(list(sub.accepted), chaos.budget(60))
