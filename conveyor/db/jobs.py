@@ -240,6 +240,21 @@ class ListFilter:
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
+def filtered(stmt: sa.Select[Any], flt: ListFilter) -> sa.Select[Any]:
+    """`stmt` narrowed to the filter's tenant, lane, created range and labels (the
+    statuses are each caller's: ListJobs takes none as any, bulk actions never have none)."""
+    stmt = stmt.where(jobs.c.tenant == flt.tenant)
+    if flt.lane:
+        stmt = stmt.where(jobs.c.lane == flt.lane)
+    if flt.created_after is not None:
+        stmt = stmt.where(jobs.c.created_at >= flt.created_after)
+    if flt.created_before is not None:
+        stmt = stmt.where(jobs.c.created_at < flt.created_before)
+    if flt.labels:
+        stmt = stmt.where(jobs.c.labels.contains(dict(flt.labels)))
+    return stmt
+
+
 async def list_jobs(
     conn: AsyncConnection,
     flt: ListFilter,
@@ -250,17 +265,9 @@ async def list_jobs(
     """A page of jobs, newest first, keyset-paginated after (created_at, id); without
     `full`, the bulky request body and final message are not read (null)."""
     columns = jobs.c if full else [c for c in jobs.c if c.name not in _BULKY]
-    stmt = sa.select(*columns).where(jobs.c.tenant == flt.tenant)
+    stmt = filtered(sa.select(*columns), flt)
     if flt.statuses:
         stmt = stmt.where(jobs.c.status.in_(list(flt.statuses)))
-    if flt.lane:
-        stmt = stmt.where(jobs.c.lane == flt.lane)
-    if flt.created_after is not None:
-        stmt = stmt.where(jobs.c.created_at >= flt.created_after)
-    if flt.created_before is not None:
-        stmt = stmt.where(jobs.c.created_at < flt.created_before)
-    if flt.labels:
-        stmt = stmt.where(jobs.c.labels.contains(dict(flt.labels)))
     if after is not None:
         stmt = stmt.where(sa.tuple_(jobs.c.created_at, jobs.c.id) < sa.tuple_(*after))
     stmt = stmt.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)

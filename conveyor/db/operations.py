@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from conveyor.db.jobs import ListFilter, filtered
 from conveyor.db.schema import bulk_actions, jobs, lane_pauses, tenants, workers
 from conveyor.states import TERMINAL, JobState
 
@@ -209,13 +210,9 @@ async def set_retention(engine: AsyncEngine, tenant: str, days: int | None) -> R
 
 
 @dataclass(frozen=True)
-class JobFilter:
-    tenant: str
-    statuses: Sequence[str]
-    lane: str = ""
-    created_after: datetime | None = None
-    created_before: datetime | None = None
-    labels: Mapping[str, str] = field(default_factory=dict)
+class JobFilter(ListFilter):
+    """ListJobs' filter plus a model; the gateway always names the statuses."""
+
     model: str = ""
 
     def as_json(self) -> dict[str, Any]:
@@ -231,19 +228,9 @@ class JobFilter:
 
 
 def _matching(flt: JobFilter, columns: Sequence[Any]) -> sa.Select[Any]:
-    stmt = sa.select(*columns).where(
-        jobs.c.tenant == flt.tenant, jobs.c.status.in_(list(flt.statuses))
-    )
-    if flt.lane:
-        stmt = stmt.where(jobs.c.lane == flt.lane)
+    stmt = filtered(sa.select(*columns), flt).where(jobs.c.status.in_(list(flt.statuses)))
     if flt.model:
         stmt = stmt.where(jobs.c.model == flt.model)
-    if flt.created_after is not None:
-        stmt = stmt.where(jobs.c.created_at >= flt.created_after)
-    if flt.created_before is not None:
-        stmt = stmt.where(jobs.c.created_at < flt.created_before)
-    if flt.labels:
-        stmt = stmt.where(jobs.c.labels.contains(dict(flt.labels)))
     return stmt
 
 
