@@ -183,7 +183,7 @@ async def _drop_stale_databases(done: list[str]) -> None:
 # --------------------------------------------------------------------------- signals
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
+def raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = Counts.quick() if args.quick else Counts()
     started_at = datetime.now(UTC)
     out: Path = args.out or RESULTS_DIR / f"{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     for line in clean_leftovers():
         print(f"leftover of an earlier run: {line}")
     for name in [k for k in os.environ if k.startswith("SIM_")]:

@@ -39,10 +39,9 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import aio_pika
@@ -51,6 +50,7 @@ import asyncpg
 import grpc
 import grpc.aio
 
+from bench.__main__ import raise_keyboard_interrupt, signals_ignored
 from bench.harness import gateway_clients
 from conveyor import devstack, sandbox
 from conveyor.v1 import events_pb2, events_pb2_grpc, jobs_pb2, jobs_pb2_grpc
@@ -820,21 +820,6 @@ def clean_leftovers() -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def signals_ignored() -> Iterator[None]:
-    """No Ctrl-C or SIGTERM while cleaning up: a second one must not leave servers behind."""
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.chaos",
@@ -859,7 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     names = list(dict.fromkeys(args.scenarios)) or list(SCENARIOS)
     deadline = time.monotonic() + TIME_LIMIT_S
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     for line in clean_leftovers():
         print(f"leftover of an earlier run: {line}")
     for name in [k for k in os.environ if k.startswith("SIM_")]:
