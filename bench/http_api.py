@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import Any
 
 import aiohttp
@@ -30,7 +29,7 @@ from bench.harness import (
     submit_load,
     summarize,
 )
-from bench.token_latency import FIRST_TOKEN_MS, MODEL, P50_TARGET_MS, Sample, latencies_ms
+from bench.token_latency import P50_TARGET_MS, Sample, latencies_ms, probe
 from conveyor.client import ConveyorClient
 
 NAME = "http"
@@ -164,24 +163,14 @@ async def sse_token_latency(
     """bench.token_latency's measurement with SSE readers instead of WatchJob."""
 
     async def one(client: ConveyorClient, session: aiohttp.ClientSession) -> Sample:
-        key = f"sse-lat-{uuid.uuid4().hex}"
-        job = await client.submit(
-            MODEL,
-            f"latency probe {key}",
-            max_tokens=tokens + 16,
-            labels={
-                "x-sim-emit-log": key,
-                "x-sim-tokens": str(tokens),
-                "x-sim-tokens-per-second": f"{rate:g}",
-                "x-sim-latency-ms": str(FIRST_TOKEN_MS),
-            },
+        return await probe(
+            client,
+            ctx.http,
+            ctx.simulator_url,
+            lambda s: _follow_sse(session, s),
+            tokens=tokens,
+            rate=rate,
         )
-        sample = Sample(job.id, key)
-        await _follow_sse(session, sample)
-        async with ctx.http.get(f"{ctx.simulator_url}/emissions/{key}") as resp:
-            if resp.status == 200:
-                sample.emitted_ns = list((await resp.json())["times_ns"])
-        return sample
 
     async with (
         ConveyorClient(ctx.gateway, ctx.notifier) as client,

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,37 @@ async def _follow(client: ConveyorClient, sample: Sample) -> None:
             sample.status = event.status_changed.status
 
 
+async def probe(
+    client: ConveyorClient,
+    http: aiohttp.ClientSession,
+    simulator_url: str,
+    follow: Callable[[Sample], Awaitable[None]],
+    *,
+    tokens: int,
+    rate: float,
+) -> Sample:
+    """One job whose simulator notes when it writes each token; `follow` records when
+    a watcher receives them, then the simulator's times are fetched."""
+    key = f"lat-{uuid.uuid4().hex}"
+    job = await client.submit(
+        MODEL,
+        f"latency probe {key}",
+        max_tokens=tokens + 16,
+        labels={
+            "x-sim-emit-log": key,
+            "x-sim-tokens": str(tokens),
+            "x-sim-tokens-per-second": f"{rate:g}",
+            "x-sim-latency-ms": str(FIRST_TOKEN_MS),
+        },
+    )
+    sample = Sample(job.id, key)
+    await follow(sample)
+    async with http.get(f"{simulator_url}/emissions/{key}") as resp:
+        if resp.status == 200:
+            sample.emitted_ns = list((await resp.json())["times_ns"])
+    return sample
+
+
 async def measure(
     client: ConveyorClient,
     http: aiohttp.ClientSession,
@@ -97,24 +128,9 @@ async def measure(
     live; returns the latency distribution (ms) and what was left out."""
 
     async def one() -> Sample:
-        key = f"lat-{uuid.uuid4().hex}"
-        job = await client.submit(
-            MODEL,
-            f"latency probe {key}",
-            max_tokens=tokens + 16,
-            labels={
-                "x-sim-emit-log": key,
-                "x-sim-tokens": str(tokens),
-                "x-sim-tokens-per-second": f"{rate:g}",
-                "x-sim-latency-ms": str(FIRST_TOKEN_MS),
-            },
+        return await probe(
+            client, http, simulator_url, lambda s: _follow(client, s), tokens=tokens, rate=rate
         )
-        sample = Sample(job.id, key)
-        await _follow(client, sample)
-        async with http.get(f"{simulator_url}/emissions/{key}") as resp:
-            if resp.status == 200:
-                sample.emitted_ns = list((await resp.json())["times_ns"])
-        return sample
 
     samples = await asyncio.gather(*(one() for _ in range(jobs)))
     values: list[float] = []
