@@ -95,14 +95,14 @@ test: install browser  ## run the test suite against the local RabbitMQ and Post
 	$(VENV)/bin/pytest -q
 
 up: install  ## start simulator + five services (HTTP API included) in the background, run the demo
-	$(PY) -m conveyor.devstack up
-	$(PY) -m conveyor.devstack demo
+	$(PY) -m devtools.devstack up
+	$(PY) -m devtools.devstack demo
 
 down:  ## stop what `make up` started
-	$(PY) -m conveyor.devstack down
+	$(PY) -m devtools.devstack down
 
 demo:  ## submit a demo job and stream its tokens
-	$(PY) -m conveyor.devstack demo
+	$(PY) -m devtools.devstack demo
 
 bench: install bench-tools  ## run the benchmark scenarios, print and save the figures
 	$(PY) -m bench $(BENCH_ARGS)

@@ -56,8 +56,8 @@ from bench.harness import (
     memory_kb,
     system_cpu_ms,
 )
-from conveyor import devstack, sandbox
-from conveyor.config import Settings
+from conveyor.core.config import Settings
+from devtools import devstack, sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"

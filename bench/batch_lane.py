@@ -5,7 +5,7 @@ streams them from the simulator) and half to the `batch` lane (the dispatcher's
 batcher sends them as Message Batches; the simulator ends a batch after
 BATCH_PROCESSING_S). Reported: the batch lane's throughput, the latency it adds on
 top of the simulator's batch time (created → finished, minus that time), and the
-dollars of each half (conveyor.pricing through each job's cost), with the batch half
+dollars of each half (conveyor.core.pricing through each job's cost), with the batch half
 checked to cost 50% of the same usage at the interactive price, allowing for rounding.
 """
 
@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from bench.harness import Context, Result, percentile, rounded, submit_load
-from conveyor import pricing
+from conveyor.core import pricing
 
 NAME = "batch"
 TITLE = "Batch lane: throughput, added latency, dollars against interactive"

@@ -52,8 +52,8 @@ import grpc.aio
 
 from bench.__main__ import raise_keyboard_interrupt, signals_ignored
 from bench.harness import gateway_clients
-from conveyor import devstack, sandbox
 from conveyor.v1 import events_pb2, events_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from devtools import devstack, sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ROOT = ROOT / "run" / "chaos"
@@ -806,7 +806,7 @@ def clean_leftovers() -> list[str]:
                     pid = int(pid_file.read_text().strip())
                     module = "services." + pid_file.stem.split("-")[0]
                     if pid_file.stem == "simulator":
-                        module = "conveyor.simulator"
+                        module = "devtools.simulator"
                     if devstack.alive(pid) and devstack.runs_module(pid, module):
                         devstack.stop_pid(pid)
                         done.append(f"stopped {pid_file.stem} (pid {pid}) of run {run_dir.name}")

@@ -31,11 +31,12 @@ from pathlib import Path
 import aio_pika
 
 from bench.harness import Context, Result, rounded, summarize
-from conveyor import broker, sandbox
-from conveyor.admin import create_api_key
+from conveyor.bus import broker
 from conveyor.client import ConveyorClient, FailedPrecondition
+from conveyor.db.admin import create_api_key
 from conveyor.db.engine import create_engine
 from conveyor.v1 import jobs_pb2
+from devtools import sandbox
 
 NAME = "fairness"
 TITLE = "tenant B's wait behind tenant A's bulk backlog, fair queues vs one shared queue"

@@ -17,7 +17,7 @@ reproduced:
   itself (conveyor.db.engine.fetch, used on every job's path);
 - anthropic SDK: CPU per streamed call against the simulator at 0 ms, beside a
   plain aiohttp request for the same answer;
-- request body validation (conveyor.request_body): CPU per check of a 10-message
+- request body validation (conveyor.contract.request_body): CPU per check of a 10-message
   body with one tool against the anthropic SDK's types (target: at most 300 µs);
 - waking a process: the round trip of a byte between two processes over loopback
   TCP (median), back to back and after the other side sat idle for 2 and 20 ms.
@@ -55,11 +55,12 @@ from bench.harness import (
     rabbit_pid,
     submit_load,
 )
-from conveyor import broker, sandbox
-from conveyor.config import Settings
+from conveyor.bus import broker
+from conveyor.core.config import Settings
 from conveyor.db import jobs as db
 from conveyor.db.engine import create_engine, fetch
 from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
+from devtools import sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = 50
@@ -263,7 +264,7 @@ async def _client_statement_floors(database_url: str, statements: int) -> dict[s
 
 
 async def sdk_floors(calls: int) -> dict[str, float]:
-    from services.worker.provider import Provider
+    from conveyor.llm.provider import Provider
 
     settings = Settings()
     simulator = settings.provider_base_url
@@ -294,7 +295,7 @@ async def sdk_floors(calls: int) -> dict[str, float]:
         await provider.close()
     return {
         "plain aiohttp streamed request to the simulator, CPU per call": raw_us,
-        "anthropic SDK streamed call (services.worker.provider), CPU per call": sdk_us,
+        "anthropic SDK streamed call (conveyor.llm.provider), CPU per call": sdk_us,
     }
 
 
@@ -336,7 +337,12 @@ def _ten_message_body() -> dict[str, object]:
 
 
 def body_validation_floors(calls: int) -> dict[str, float]:
-    from conveyor.request_body import BodyLimits, estimate_input_tokens, validate_body, warm_up
+    from conveyor.contract.request_body import (
+        BodyLimits,
+        estimate_input_tokens,
+        validate_body,
+        warm_up,
+    )
 
     warm_up()
     body, limits = _ten_message_body(), BodyLimits.from_settings(Settings())

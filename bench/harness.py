@@ -33,9 +33,10 @@ import asyncpg
 import grpc
 import grpc.aio
 
-from conveyor import broker, sandbox
+from conveyor.bus import broker
 from conveyor.client import error_from_rpc
 from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
+from devtools import sandbox
 
 MODEL = "claude-sonnet-4-5"
 SERVICES = ("gateway", "worker", "notifier", "dispatcher")

@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print(figures)
         return 0 if figures["latency_ms"].get("count") else 1
 
-    from conveyor import sandbox
+    from devtools import sandbox
 
     with sandbox.backing_services(f"conveyor-bench-latency-{os.getpid()}") as backing:
         stack = sandbox.Stack(

@@ -2,7 +2,7 @@
 
 `VALID` holds (name, body) pairs that `messages.create(**body)` takes and that
 Conveyor must accept and carry unchanged; `INVALID` holds `Bad` cases, each with the
-JSON path its refusal must name. The unit tests of `conveyor.request_body` use both;
+JSON path its refusal must name. The unit tests of `conveyor.contract.request_body` use both;
 end-to-end tests reuse them (a case with `settings` needs those settings, as
 CONVEYOR_<NAME> environment variables, in the gateway under test).
 

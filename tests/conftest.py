@@ -16,9 +16,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.admin import create_api_key
 from conveyor.client import TERMINAL_STATUSES, ConveyorClient
-from conveyor.config import DEFAULT_TENANT
+from conveyor.core.config import DEFAULT_TENANT
+from conveyor.db.admin import create_api_key
 from conveyor.db.engine import create_engine
 from conveyor.v1 import jobs_pb2
 from tests.otlp_receiver import Receiver, start_receiver

@@ -2,7 +2,7 @@
 simulator plus the four services and the HTTP API as real processes talking over
 real sockets.
 
-The pieces live in `conveyor.sandbox` (the benchmark uses them too); this module
+The pieces live in `devtools.sandbox` (the benchmark uses them too); this module
 adds the short timers that let recovery paths finish within a test.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from conveyor import devstack, sandbox
-from conveyor.sandbox import (
+from devtools import devstack, sandbox
+from devtools.sandbox import (
     LOCAL_AMQP,
     LOCAL_PG,
     Backing,
@@ -37,7 +37,7 @@ __all__ = [
 
 WEBHOOK_SECRETS_KEY = "test-webhook-secrets-key-0123456789abcdef"
 """Encrypts the tenants' webhook secrets in the test stack; tests make a tenant's secret
-with `conveyor.admin.rotate_webhook_secret` under the same key."""
+with `conveyor.db.admin.rotate_webhook_secret` under the same key."""
 
 # Short timers so recovery paths finish within a test.
 TEST_ENV = {

@@ -30,7 +30,7 @@ from conveyor.cli.base import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _Converting, fai
 from conveyor.cli.jobs import json_option
 
 ROLES = ("member", "admin", "operator")
-"""The roles of conveyor.auth.ROLES (named here so `--help` needs no server modules)."""
+"""The roles of conveyor.server.auth.ROLES (named here so `--help` needs no server modules)."""
 UNCHANGED: Any = object()
 T = TypeVar("T")
 
@@ -49,7 +49,7 @@ def server_modules() -> None:
 
 def _tenant(text: str) -> str:
     server_modules()
-    from conveyor.auth import check_tenant_name
+    from conveyor.server.auth import check_tenant_name
 
     return check_tenant_name(text)
 
@@ -129,8 +129,8 @@ def keys_create(tenant: str | None, name: str, role: str, admin: bool) -> int:
     server_modules()
     from sqlalchemy.exc import IntegrityError
 
-    from conveyor import admin as ops
-    from conveyor.auth import OPERATOR_TENANT
+    from conveyor.db import admin as ops
+    from conveyor.server.auth import OPERATOR_TENANT
 
     if admin and role not in ("member", "admin"):
         raise click.UsageError("--admin is --role admin; give one role")
@@ -171,7 +171,7 @@ def keys_create(tenant: str | None, name: str, role: str, admin: bool) -> int:
 def keys_list(tenant: str | None, include_revoked: bool, as_json: bool) -> int:
     """List keys (never the keys themselves)."""
     server_modules()
-    from conveyor import admin as ops
+    from conveyor.db import admin as ops
 
     async def work() -> list[Any]:
         engine = ops.engine()
@@ -208,7 +208,7 @@ def keys_list(tenant: str | None, include_revoked: bool, as_json: bool) -> int:
 def keys_revoke(id: str) -> int:
     """Revoke a key by its id (the 8-character short id will do)."""
     server_modules()
-    from conveyor import admin as ops
+    from conveyor.db import admin as ops
 
     async def work() -> Any:
         engine = ops.engine()
@@ -238,8 +238,8 @@ def tenants() -> None:
 def tenants_list(as_json: bool) -> int:
     """Tenants with their submit quota, concurrency limit and retention."""
     server_modules()
-    from conveyor import admin as ops
-    from conveyor.config import get_settings
+    from conveyor.core.config import get_settings
+    from conveyor.db import admin as ops
 
     async def work() -> list[Any]:
         engine = ops.engine()
@@ -321,7 +321,7 @@ def tenants_set(
             " --daily-budget-usd and/or --monthly-budget-usd"
         )
     server_modules()
-    from conveyor import admin as ops
+    from conveyor.db import admin as ops
 
     def given(value: Any) -> Any:
         return ops.UNCHANGED if value is UNCHANGED else value
@@ -379,7 +379,7 @@ def secret() -> None:
 def secret_rotate(tenant: str, overlap_s: float | None) -> int:
     """Give a tenant a new signing secret (its first, or a rotation); print it (once)."""
     server_modules()
-    from conveyor import admin as ops
+    from conveyor.db import admin as ops
 
     async def work() -> tuple[str, Any, int]:
         engine = ops.engine()
@@ -412,7 +412,7 @@ def secret_rotate(tenant: str, overlap_s: float | None) -> int:
 def secret_list(tenant: str | None, as_json: bool) -> int:
     """Secrets that sign now (never the secrets)."""
     server_modules()
-    from conveyor import admin as ops
+    from conveyor.db import admin as ops
 
     async def work() -> list[Any]:
         engine = ops.engine()

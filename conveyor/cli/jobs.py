@@ -294,7 +294,7 @@ def migrate_command() -> int:
     from conveyor.cli.admin import server_modules
 
     server_modules()
-    from conveyor.config import get_settings
+    from conveyor.core.config import get_settings
     from conveyor.db.engine import migrate
 
     try:

@@ -169,7 +169,7 @@ def _read_json(path: str) -> Any:
 
 
 def image_type(data: bytes) -> str | None:
-    """The media type an image's first bytes announce (as conveyor.request_body.media
+    """The media type an image's first bytes announce (as conveyor.contract.request_body.media
     does; repeated here because the CLI installs without the server's modules)."""
     for magic, media_type in (
         (b"\x89PNG\r\n\x1a\n", "image/png"),

@@ -20,9 +20,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import greenlet_spawn
 
-from conveyor.telemetry import exporting, tracer
+from conveyor.core.telemetry import exporting, tracer
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 T = TypeVar("T")
 
 
@@ -196,7 +196,7 @@ class Timeouts:
 
     @classmethod
     def from_settings(cls) -> Timeouts:
-        from conveyor.config import get_settings
+        from conveyor.core.config import get_settings
 
         s = get_settings()
         return cls(s.db_statement_timeout_s, s.db_lock_timeout_s, s.db_command_timeout_s)

@@ -20,9 +20,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from conveyor.core.lifecycle import JobState
 from conveyor.db.engine import fetch
 from conveyor.db.schema import job_events, jobs
-from conveyor.states import JobState
 
 Row = Mapping[str, Any]
 
@@ -80,7 +80,7 @@ class Outcome:
     retry_in_s: float | None = None
     """For a retry: the wait, counted from the moment this outcome is written."""
     cost_micros: int | None = None
-    """What this attempt cost (conveyor.pricing.cost_micros: 0 without usage); None:
+    """What this attempt cost (conveyor.core.pricing.cost_micros: 0 without usage); None:
     the model is unpriced. Attempts' costs add up on the job."""
 
 

@@ -19,9 +19,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from conveyor.core.lifecycle import TERMINAL, JobState
 from conveyor.db.jobs import ListFilter, filtered
 from conveyor.db.schema import bulk_actions, jobs, lane_pauses, tenants, workers
-from conveyor.states import TERMINAL, JobState
 
 Row = Mapping[str, Any]
 

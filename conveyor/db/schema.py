@@ -199,7 +199,7 @@ tenant_spend = sa.Table(
     sa.Column("month_micros", sa.BigInteger, nullable=False, server_default="0"),
 )
 
-# Token buckets shared by every process (see conveyor.budget): provider rate limits
+# Token buckets shared by every process (see conveyor.db.buckets): provider rate limits
 # ("model:<model>:<dimension>") and submit quotas ("submit:<tenant>").
 rate_buckets = sa.Table(
     "rate_buckets",
@@ -218,7 +218,7 @@ rate_buckets = sa.Table(
 )
 
 # Tenants' webhook signing secrets (migration 0003), sealed under
-# CONVEYOR_WEBHOOK_SECRETS_KEY (conveyor.webhooks.SecretBox). The current one has no
+# CONVEYOR_WEBHOOK_SECRETS_KEY (conveyor.server.webhooks.SecretBox). The current one has no
 # expires_at; after a rotation the previous one signs too until its expires_at.
 webhook_secrets = sa.Table(
     "webhook_secrets",

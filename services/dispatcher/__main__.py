@@ -1,7 +1,8 @@
 """`python -m services.dispatcher`: run the dispatcher until SIGTERM."""
 
-from conveyor.runtime import run_service
-from services.dispatcher.app import serve
+from conveyor.server.runtime import run_service
+
+from .app import serve
 
 
 def main() -> None:

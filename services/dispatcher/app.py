@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from conveyor import broker
-from conveyor.config import Settings
-from conveyor.events import EventPublisher
-from conveyor.outbox import JobQueue, TenantLanes
-from conveyor.runtime import backing_services
-from services.dispatcher.batcher import run_batcher
-from services.dispatcher.dead_letters import DeadLetterHandler
-from services.dispatcher.retention import run_retention
-from services.dispatcher.schedules import run_schedules
-from services.dispatcher.timers import run_timers, sample_queue_depths
+from conveyor.bus import broker
+from conveyor.bus.events import EventPublisher
+from conveyor.bus.outbox import JobQueue, TenantLanes
+from conveyor.core.config import Settings
+from conveyor.server.runtime import backing_services
+
+from .batcher import run_batcher
+from .dead_letters import DeadLetterHandler
+from .retention import run_retention
+from .schedules import run_schedules
+from .timers import run_timers, sample_queue_depths
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The batch lane: jobs of CONVEYOR_BATCH_LANES go through the Message Batches API.
 
-Such jobs are not published to a worker queue (conveyor.outbox holds them back); they
+Such jobs are not published to a worker queue (conveyor.bus.outbox holds them back); they
 wait, pending, until this batcher, one more loop of the dispatcher, gathers them per
 model into batches of at most CONVEYOR_BATCH_MAX_REQUESTS requests and
 CONVEYOR_BATCH_MAX_BYTES bytes, sent when full or when the oldest has waited
@@ -46,14 +46,14 @@ import orjson
 from opentelemetry.trace import Link, SpanKind, StatusCode, get_current_span
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.config import Settings
+from conveyor.bus.events import EventPublisher
+from conveyor.core.config import Settings
+from conveyor.core.lifecycle import JobState
+from conveyor.core.metrics import COST_USD, JOBS_FINISHED, JOBS_RETRIED, JOBS_STARTED, ModelNames
+from conveyor.core.telemetry import exporting, inject_headers, traceparent_context, tracer
 from conveyor.db import batches as bdb
 from conveyor.db import jobs as db
-from conveyor.events import EventPublisher
-from conveyor.metrics import COST_USD, JOBS_FINISHED, JOBS_RETRIED, JOBS_STARTED, ModelNames
-from conveyor.states import JobState
-from conveyor.telemetry import exporting, inject_headers, traceparent_context, tracer
-from services.worker.provider import (
+from conveyor.llm.provider import (
     TRANSIENT_ERROR_TYPES,
     ProviderError,
     check_provider,

@@ -20,11 +20,11 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.broker import JobMessage
+from conveyor.bus.broker import JobMessage
+from conveyor.bus.events import EventPublisher
+from conveyor.core.lifecycle import JobState
+from conveyor.core.metrics import JOBS_FINISHED
 from conveyor.db import jobs as db
-from conveyor.events import EventPublisher
-from conveyor.metrics import JOBS_FINISHED
-from conveyor.states import JobState
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.config import Settings
+from conveyor.core.config import Settings
+from conveyor.core.metrics import RETENTION_PURGED
 from conveyor.db import operations as db
-from conveyor.metrics import RETENTION_PURGED
 
 log = logging.getLogger(__name__)
 

@@ -18,16 +18,16 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.config import Settings
+from conveyor.bus.events import EventPublisher
+from conveyor.bus.outbox import JobQueue
+from conveyor.contract.validation import validate_submit
+from conveyor.core.config import Settings
+from conveyor.core.lifecycle import JobState
+from conveyor.core.metrics import JOBS_SUBMITTED, SCHEDULE_FIRES
+from conveyor.core.telemetry import current_ids, tracer
 from conveyor.db import schedules as db
 from conveyor.db.jobs import NewJob
-from conveyor.events import EventPublisher
-from conveyor.metrics import JOBS_SUBMITTED, SCHEDULE_FIRES
-from conveyor.outbox import JobQueue
-from conveyor.states import JobState
-from conveyor.telemetry import current_ids, tracer
 from conveyor.v1 import jobs_pb2
-from conveyor.validation import validate_submit
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ import logging
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.broker import DEAD_LETTER_QUEUE, lane_queue, tenant_lane_queue
-from conveyor.config import Settings
+from conveyor.bus.broker import DEAD_LETTER_QUEUE, lane_queue, tenant_lane_queue
+from conveyor.bus.events import EventPublisher
+from conveyor.bus.outbox import JobQueue
+from conveyor.core.config import Settings
+from conveyor.core.lifecycle import JobState
+from conveyor.core.metrics import JOBS_FINISHED, QUEUE_DEPTH
 from conveyor.db import jobs as db
 from conveyor.db.tenants import tenant_names
-from conveyor.events import EventPublisher
-from conveyor.metrics import JOBS_FINISHED, QUEUE_DEPTH
-from conveyor.outbox import JobQueue
-from conveyor.states import JobState
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """`python -m services.gateway`: run the gateway until SIGTERM."""
 
-from conveyor.config import get_settings
-from conveyor.runtime import run_service
-from services.gateway.app import serve
+from conveyor.core.config import get_settings
+from conveyor.server.runtime import run_service
+
+from .app import serve
 
 
 def main() -> None:

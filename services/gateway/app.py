@@ -8,11 +8,12 @@ import logging
 
 import grpc
 
-from conveyor import broker, request_body
-from conveyor.config import Settings
-from conveyor.events import EventPublisher
-from conveyor.outbox import JobQueue, TenantLanes
-from conveyor.runtime import backing_services, grpc_server, mark_serving
+from conveyor.bus import broker
+from conveyor.bus.events import EventPublisher
+from conveyor.bus.outbox import JobQueue, TenantLanes
+from conveyor.contract import request_body
+from conveyor.core.config import Settings
+from conveyor.server.runtime import backing_services, grpc_server, mark_serving
 from conveyor.v1 import (
     jobs_pb2,
     jobs_pb2_grpc,
@@ -21,10 +22,11 @@ from conveyor.v1 import (
     schedules_pb2,
     schedules_pb2_grpc,
 )
-from services.gateway.operations import OperationsServiceServicer
-from services.gateway.quota import SubmitQuota
-from services.gateway.schedules import ScheduleServiceServicer
-from services.gateway.servicer import JobServiceServicer
+
+from .operations import OperationsServiceServicer
+from .quota import SubmitQuota
+from .schedules import ScheduleServiceServicer
+from .servicer import JobServiceServicer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name

@@ -5,7 +5,7 @@ set with `conveyor tenants set --daily-budget-usd X --monthly-budget-usd Y`) has
 ledger row, `tenant_spend`: the spend of its current UTC day and month,
 reservations of unfinished jobs included. A submit reserves its jobs' worst case
 (estimated input tokens at the input price plus `max_tokens` of output at the
-output price, conveyor.pricing.worst_case_micros) with ONE conditional statement
+output price, conveyor.core.pricing.worst_case_micros) with ONE conditional statement
 on that row, so the limit is exact however many gateways submit at once: the
 statement adds the reservation only if the day's and the month's totals stay
 within the limits, and a new period starts from zero. Over the limit, the call is
@@ -37,12 +37,12 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from conveyor.contract.request_body import estimate_input_tokens
+from conveyor.core.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from conveyor.core.pricing import worst_case_micros
 from conveyor.db import jobs as jobs_db
 from conveyor.db import tenants as tenants_db
 from conveyor.db.engine import DATABASE_ERRORS, fetch, once_more_on_disconnect
-from conveyor.errors import FailedPrecondition, ResourceExhausted, Unavailable
-from conveyor.pricing import worst_case_micros
-from conveyor.request_body import estimate_input_tokens
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from conveyor.core.errors import ResourceExhausted
 from conveyor.db import jobs as db
 from conveyor.db.engine import is_data_error
-from conveyor.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
 

@@ -17,17 +17,17 @@ import grpc
 from aio_pika.abc import AbstractExchange
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import broker, control
-from conveyor.auth import Principal, check_tenant_name, principal
-from conveyor.config import Settings
-from conveyor.convert import check_text, timestamp, to_datetime
+from conveyor.bus import broker, control
+from conveyor.bus.events import EventPublisher
+from conveyor.bus.outbox import JobQueue
+from conveyor.contract.convert import check_text, timestamp, to_datetime
+from conveyor.contract.validation import check_strings
+from conveyor.core.config import Settings
+from conveyor.core.errors import InvalidArgument, NotFound, PermissionDenied
+from conveyor.core.lifecycle import JobState
 from conveyor.db import operations as db
-from conveyor.errors import InvalidArgument, NotFound, PermissionDenied
-from conveyor.events import EventPublisher
-from conveyor.outbox import JobQueue
-from conveyor.states import JobState
+from conveyor.server.auth import Principal, check_tenant_name, principal
 from conveyor.v1 import jobs_pb2, operations_pb2, operations_pb2_grpc
-from conveyor.validation import check_strings
 
 log = logging.getLogger(__name__)
 

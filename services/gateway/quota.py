@@ -15,10 +15,10 @@ import time
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.budget import BucketStore, LocalBudget
+from conveyor.core.errors import ResourceExhausted, Unavailable
 from conveyor.db import tenants as db
+from conveyor.db.buckets import BucketStore, LocalBudget
 from conveyor.db.engine import DATABASE_ERRORS, once_more_on_disconnect
-from conveyor.errors import ResourceExhausted, Unavailable
 
 
 def bucket_name(tenant: str) -> str:

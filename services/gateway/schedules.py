@@ -17,13 +17,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.auth import principal
-from conveyor.config import Settings
-from conveyor.convert import check_text, timestamp, to_datetime, to_timedelta
+from conveyor.contract.convert import check_text, timestamp, to_datetime, to_timedelta
+from conveyor.contract.validation import validate_submit
+from conveyor.core.config import Settings
+from conveyor.core.errors import InvalidArgument, NotFound
 from conveyor.db import schedules as db
-from conveyor.errors import InvalidArgument, NotFound
+from conveyor.server.auth import principal
 from conveyor.v1 import jobs_pb2, schedules_pb2, schedules_pb2_grpc
-from conveyor.validation import validate_submit
 
 MAX_NAME_CHARS = 200
 MAX_CRON_CHARS = 256

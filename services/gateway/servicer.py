@@ -4,7 +4,7 @@ Accepted means durable: SubmitJob returns once the row is committed. The
 publish to RabbitMQ follows with confirms; if it fails the job is still
 accepted and the dispatcher's outbox reconciler publishes it.
 
-Every call acts for the tenant of its API key (`conveyor.auth`): another
+Every call acts for the tenant of its API key (`conveyor.server.auth`): another
 tenant's job is NOT_FOUND. Submits count against the tenant's quota, and the
 history of a job names who submitted, cancelled or replayed it.
 """
@@ -27,21 +27,19 @@ from google.protobuf.struct_pb2 import Struct
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import broker
-from conveyor.auth import Principal, principal
-from conveyor.config import Settings
-from conveyor.convert import (
+from conveyor.bus import broker
+from conveyor.bus.events import EventPublisher
+from conveyor.bus.outbox import JobQueue
+from conveyor.contract.convert import (
     check_text,
     job_to_proto,
     parse_job_id,
     timestamp,
     to_datetime,
 )
-from conveyor.db import jobs as db
-from conveyor.db import operations as ops_db
-from conveyor.db import tenants as tenants_db
-from conveyor.db.engine import DATABASE_ERRORS, is_data_error, once_more_on_disconnect
-from conveyor.errors import (
+from conveyor.contract.validation import check_strings, validate_submit
+from conveyor.core.config import Settings
+from conveyor.core.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -49,17 +47,20 @@ from conveyor.errors import (
     PermissionDenied,
     Unavailable,
 )
-from conveyor.events import EventPublisher
-from conveyor.metrics import JOBS_SUBMITTED, RETENTION_PURGED
-from conveyor.outbox import JobQueue
-from conveyor.pricing import cache_saved_micros
-from conveyor.states import CANCELLABLE, RETRYABLE, JobState
-from conveyor.telemetry import context_from_headers, current_ids, tracer
+from conveyor.core.lifecycle import CANCELLABLE, RETRYABLE, JobState
+from conveyor.core.metrics import JOBS_SUBMITTED, RETENTION_PURGED
+from conveyor.core.pricing import cache_saved_micros
+from conveyor.core.telemetry import context_from_headers, current_ids, tracer
+from conveyor.db import jobs as db
+from conveyor.db import operations as ops_db
+from conveyor.db import tenants as tenants_db
+from conveyor.db.engine import DATABASE_ERRORS, is_data_error, once_more_on_disconnect
+from conveyor.server.auth import Principal, principal
 from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
-from conveyor.validation import check_strings, validate_submit
-from services.gateway.budgets import TenantBudgets
-from services.gateway.group_insert import GroupInsert
-from services.gateway.quota import SubmitQuota
+
+from .budgets import TenantBudgets
+from .group_insert import GroupInsert
+from .quota import SubmitQuota
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         self.budgets = TenantBudgets(engine)
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
-        """The caller's tenant, from its API key (see conveyor.auth)."""
+        """The caller's tenant, from its API key (see conveyor.server.auth)."""
         return principal(context).tenant
 
     def _principal(self, context: grpc.aio.ServicerContext) -> Principal:

@@ -1,7 +1,8 @@
 """`python -m services.http`: run the HTTP/JSON API until SIGTERM."""
 
-from conveyor.runtime import run_service
-from services.http.app import serve
+from conveyor.server.runtime import run_service
+
+from .app import serve
 
 
 def main() -> None:

@@ -44,13 +44,14 @@ import orjson
 from aiohttp import web
 from google.protobuf.message import Message
 
-from conveyor.config import Settings
-from conveyor.errors import ConveyorError, InvalidArgument
-from conveyor.metrics import HTTP_REQUESTS, HTTP_STREAMS
-from conveyor.runtime import max_request_bytes
+from conveyor.core.config import Settings
+from conveyor.core.errors import ConveyorError, InvalidArgument
+from conveyor.core.metrics import HTTP_REQUESTS, HTTP_STREAMS
+from conveyor.server.runtime import max_request_bytes
 from conveyor.v1 import events_pb2, jobs_pb2
-from services.http import errors, site
-from services.http.transcode import (
+
+from . import errors, site
+from .transcode import (
     NOTIFIER_SERVICES,
     SERVICES,
     Route,

@@ -23,7 +23,7 @@ from aiohttp import web
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from conveyor.errors import ConveyorError, InvalidArgument, ResourceExhausted
+from conveyor.core.errors import ConveyorError, InvalidArgument, ResourceExhausted
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,

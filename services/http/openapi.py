@@ -23,9 +23,9 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
-from services.http.app import OPENAPI_FILE
-from services.http.errors import HTTP_STATUS
-from services.http.transcode import (
+from .app import OPENAPI_FILE
+from .errors import HTTP_STATUS
+from .transcode import (
     Route,
     is_json_bytes,
     is_map,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from conveyor.config import Settings
+from conveyor.core.config import Settings
 
 STATIC_DIR = Path(__file__).with_name("static")
 DASHBOARD_CSP = (

@@ -28,7 +28,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
-from conveyor.errors import InvalidArgument
+from conveyor.core.errors import InvalidArgument
 from conveyor.v1 import events_pb2, jobs_pb2, operations_pb2, schedules_pb2
 
 JOB_SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]

@@ -1,7 +1,8 @@
 """`python -m services.notifier`: run the notifier until SIGTERM."""
 
-from conveyor.runtime import run_service
-from services.notifier.app import serve
+from conveyor.server.runtime import run_service
+
+from .app import serve
 
 
 def main() -> None:

@@ -9,16 +9,17 @@ import logging
 import os
 import socket
 
-from conveyor import broker
-from conveyor.catchup import TextSoFarClient
-from conveyor.config import Settings
-from conveyor.runtime import backing_services, grpc_server, mark_serving
+from conveyor.bus import broker
+from conveyor.bus.catchup import TextSoFarClient
+from conveyor.core.config import Settings
+from conveyor.server.runtime import backing_services, grpc_server, mark_serving
 from conveyor.v1 import events_pb2, events_pb2_grpc
-from services.notifier.hub import Hub
-from services.notifier.servicer import JobEventsServicer
-from services.notifier.stream import Services
-from services.notifier.stream import Settings as StreamSettings
-from services.notifier.webhooks import WebhookSender
+
+from .hub import Hub
+from .servicer import JobEventsServicer
+from .stream import Services
+from .stream import Settings as StreamSettings
+from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["JobEvents"].full_name

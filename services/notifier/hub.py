@@ -6,7 +6,7 @@ every event and any of them can serve any watcher. For each job with an attempt
 in progress the hub keeps that attempt's deltas (a `JobLog`), bounded per job and
 in total: a watch that starts or resumes mid-run is caught up from here without
 asking anybody. What a log does not reach back to (this notifier started after
-the attempt did, or trimmed it) is asked from the worker (conveyor.catchup).
+the attempt did, or trimmed it) is asked from the worker (conveyor.bus.catchup).
 If the bus connection drops, events may have been lost meanwhile: the logs are
 forgotten and every stream ends with UNAVAILABLE, so its reader resumes exactly.
 
@@ -33,10 +33,10 @@ from aio_pika.abc import AbstractIncomingMessage
 from google.protobuf.message import DecodeError
 from opentelemetry.trace import SpanKind
 
-from conveyor.catchup import TextSoFar
-from conveyor.events import BATCH_CONTENT_TYPE
-from conveyor.states import JobState
-from conveyor.telemetry import context_from_headers, tracer
+from conveyor.bus.catchup import TextSoFar
+from conveyor.bus.events import BATCH_CONTENT_TYPE
+from conveyor.core.lifecycle import JobState
+from conveyor.core.telemetry import context_from_headers, tracer
 from conveyor.v1 import events_pb2, jobs_pb2
 
 log = logging.getLogger(__name__)

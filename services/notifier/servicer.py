@@ -22,14 +22,15 @@ from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from conveyor.auth import tenant_of
-from conveyor.config import Settings
-from conveyor.convert import check_text, key_field, parse_job_id, to_timedelta
-from conveyor.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from conveyor.metrics import WATCHERS
+from conveyor.contract.convert import check_text, key_field, parse_job_id, to_timedelta
+from conveyor.core.config import Settings
+from conveyor.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from conveyor.core.metrics import WATCHERS
+from conveyor.server.auth import tenant_of
 from conveyor.v1 import events_pb2, events_pb2_grpc, jobs_pb2
-from services.notifier.hub import Watcher
-from services.notifier.stream import Services, Stream, active_with_labels, load_rows
+
+from .hub import Watcher
+from .stream import Services, Stream, active_with_labels, load_rows
 
 log = logging.getLogger(__name__)
 

@@ -34,15 +34,16 @@ import sqlalchemy as sa
 from google.protobuf.duration_pb2 import Duration
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.catchup import TextSoFarClient
-from conveyor.convert import job_error, job_to_proto
+from conveyor.bus.catchup import TextSoFarClient
+from conveyor.contract.convert import job_error, job_to_proto
+from conveyor.core.errors import Unavailable
+from conveyor.core.lifecycle import JobState
 from conveyor.db import jobs as db
 from conveyor.db.jobs import LOST_ATTEMPT_SEQ_GAP
 from conveyor.db.schema import jobs
-from conveyor.errors import Unavailable
-from conveyor.states import JobState
 from conveyor.v1 import events_pb2, jobs_pb2
-from services.notifier.hub import Hub, JobLog, Watcher
+
+from .hub import Hub, JobLog, Watcher
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def progress_event(tracker: Tracker, tokens: int) -> events_pb2.JobEvent:
 
 
 def delta_events(job_id: str, tenant: str, text: Any, after: int) -> list[events_pb2.JobEvent]:
-    """A worker's answer (conveyor.catchup.TextSoFar) as the deltas above `after`."""
+    """A worker's answer (conveyor.bus.catchup.TextSoFar) as the deltas above `after`."""
     out = []
     now_ns = time.time_ns()
     for seq, delta in text.after(after):

@@ -19,7 +19,7 @@ taking every slot: a slow or silent receiver delays only its own deliveries. A
 host is counted by the address its name resolves to, so that many names of one
 machine (wildcard subdomains, `127.1` and `localhost`, ...) share one count.
 
-Signing: each delivery is signed with its tenant's secrets (conveyor.webhooks),
+Signing: each delivery is signed with its tenant's secrets (conveyor.server.webhooks),
 read from `webhook_secrets` and opened with CONVEYOR_WEBHOOK_SECRETS_KEY, cached for
 `webhook_secrets_cache_s`. A tenant without a secret gets no POST: the attempt fails and is
 retried until the retry window ends (never unsigned, never another tenant's secret).
@@ -36,7 +36,6 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,18 +47,18 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiohttp.abc import AbstractResolver, ResolveResult
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.broker import WEBHOOKS_QUEUE
-from conveyor.config import Settings
+from conveyor.bus.broker import WEBHOOKS_QUEUE
+from conveyor.core import lifecycle
+from conveyor.core.config import Settings
 from conveyor.db.jobs import utcnow
 from conveyor.db.tenants import signing_secrets
-from conveyor.webhooks import (
+from conveyor.server.webhooks import (
     IPNetwork,
     SecretBox,
     WebhookRefused,
     address_refusal,
     event_type,
     parse_networks,
-    retry_delay_s,
     signed_headers,
     webhook_body,
 )
@@ -189,14 +188,6 @@ def address_key(address: str) -> str:
 class NoSigningSecret(RuntimeError):
     """The tenant has no signing secret (or the notifier has no key to open it): the
     attempt fails and is retried, so a secret made within the retry window delivers."""
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 class WebhookSender:
@@ -458,7 +449,7 @@ class WebhookSender:
                 await response.content.read(MAX_RESPONSE_BYTES)
                 if not 200 <= status_code < 300:
                     error = f"HTTP {status_code}"
-                    retry_after = _retry_after(response.headers)
+                    retry_after = lifecycle.retry_after_s(response.headers)
         except WebhookRefused as exc:
             error, permanent = f"refused: {exc}", True
         except TimeoutError:
@@ -474,7 +465,7 @@ class WebhookSender:
         elif permanent:
             status = "failed"
         else:
-            delay = retry_delay_s(
+            delay = lifecycle.backoff_s(
                 attempt, settings.webhook_retry_base_s, settings.webhook_retry_cap_s, retry_after
             )
             next_at = utcnow() + timedelta(seconds=delay)

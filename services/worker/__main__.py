@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from conveyor.runtime import run_service
-from services.worker.app import serve
+from conveyor.server.runtime import run_service
+
+from .app import serve
 
 
 def main() -> None:

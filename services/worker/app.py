@@ -22,18 +22,19 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import broker
-from conveyor.catchup import serve_text_requests
-from conveyor.config import Settings
-from conveyor.control import DRAIN_KEY, LANES_BINDING
+from conveyor.bus import broker
+from conveyor.bus.catchup import serve_text_requests
+from conveyor.bus.control import DRAIN_KEY, LANES_BINDING
+from conveyor.bus.events import EventPublisher
+from conveyor.core.config import Settings
 from conveyor.db import operations as ops_db
 from conveyor.db.engine import is_transient
-from conveyor.events import EventPublisher
-from conveyor.runtime import backing_services
-from services.worker.consumers import TenantConsumers, refresh_forever
-from services.worker.limiter import ProviderLimiter
-from services.worker.provider import Provider
-from services.worker.runner import JobRunner, lease_hold_s
+from conveyor.llm.provider import Provider
+from conveyor.server.runtime import backing_services
+
+from .consumers import TenantConsumers, refresh_forever
+from .limiter import ProviderLimiter
+from .runner import JobRunner, lease_hold_s
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 All of them run on one channel whose prefetch is the worker's concurrency, so when
 a slot frees up RabbitMQ offers it to the non-empty queues in turn: each tenant
-with work waiting gets its share of the worker (see conveyor.broker).
+with work waiting gets its share of the worker (see conveyor.bus.broker).
 
 Tenants are learnt three ways: the tenants table at start and every
 `tenant_refresh_s`, the announcements publishers make when they declare a new
@@ -13,7 +13,7 @@ backoff that grows while it keeps hitting the limit.
 A paused lane (conveyor.db.operations lane pauses, of one tenant or of every
 tenant) is not consumed: its jobs wait in their queues, pending. The pauses are
 read from Postgres at start, with the tenant list, and when a control message
-says they changed (conveyor.control), so a restarted worker respects them.
+says they changed (conveyor.bus.control), so a restarted worker respects them.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from collections.abc import Awaitable, Callable
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import broker
-from conveyor.auth import TENANT_NAME
+from conveyor.bus import broker
 from conveyor.db.operations import ALL_TENANTS, lane_pause_rows
 from conveyor.db.tenants import tenant_names
+from conveyor.server.auth import TENANT_NAME
 
 log = logging.getLogger(__name__)
 

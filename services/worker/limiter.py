@@ -2,7 +2,7 @@
 tokens per minute, per model.
 
 Each (model, dimension) is a Postgres token bucket (`model:<model>:requests`,
-`...:input_tokens`, `...:output_tokens`; see conveyor.budget). Before a call, a
+`...:input_tokens`, `...:output_tokens`; see conveyor.db.buckets). Before a call, a
 worker takes what the call needs from its local pool, which it refills from the
 buckets in batches, so with plentiful budget there is no database round trip per
 call; when budget is short the call waits for the refill instead of going out
@@ -16,7 +16,7 @@ settles both estimates (the difference goes back to, or is taken from, the pool)
 Limits come from CONVEYOR_RATE_LIMITS and from the provider's
 `anthropic-ratelimit-<dimension>-limit` headers; the lower wins. A learnt limit
 is written to the bucket, so every worker uses it, and a low `-remaining` lowers
-the bucket's level. Models are keyed by `conveyor.metrics.ModelNames`: a model
+the bucket's level. Models are keyed by `conveyor.core.metrics.ModelNames`: a model
 neither known nor allowed shares the `other` buckets (and state), so invented
 names cannot grow the limiter's memory or the bucket table. A model whose limits
 nobody knows yet is probed: one call at a time per worker until the first
@@ -43,12 +43,12 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import request_body
-from conveyor.budget import BucketStore, Definition, LocalBudget
-from conveyor.config import Settings
+from conveyor.contract import request_body
+from conveyor.core.config import Settings
+from conveyor.core.metrics import PROVIDER_THROTTLED, RATE_LIMIT_WAIT, ModelNames
+from conveyor.core.telemetry import tracer
+from conveyor.db.buckets import BucketStore, Definition, LocalBudget
 from conveyor.db.engine import is_transient
-from conveyor.metrics import PROVIDER_THROTTLED, RATE_LIMIT_WAIT, ModelNames
-from conveyor.telemetry import tracer
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def bucket_name(model: str, dimension: str) -> str:
 def estimate_input_tokens(body: Mapping[str, Any]) -> int:
     """Input tokens of a Messages API body, estimated before the call: text at characters
     / 4, images by their pixels, PDFs by their pages, tools by their JSON (the formula:
-    conveyor.request_body.estimate)."""
+    conveyor.contract.request_body.estimate)."""
     return request_body.estimate_input_tokens(dict(body))
 
 

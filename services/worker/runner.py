@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import random
 import socket
 import time
 import uuid
@@ -34,13 +33,12 @@ from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry.trace import SpanKind, StatusCode
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.broker import PUBLISHED_AT_HEADER, JobMessage, lane_of
-from conveyor.catchup import Delta
-from conveyor.config import Settings
-from conveyor.db import jobs as db
-from conveyor.db.engine import is_transient
-from conveyor.events import EventPublisher, Shape, delta_event, delta_runs, shape_of
-from conveyor.metrics import (
+from conveyor.bus.broker import PUBLISHED_AT_HEADER, JobMessage, lane_of
+from conveyor.bus.catchup import Delta
+from conveyor.bus.events import EventPublisher, Shape, delta_event, delta_runs, shape_of
+from conveyor.core.config import Settings
+from conveyor.core.lifecycle import JobState, backoff_s
+from conveyor.core.metrics import (
     COST_USD,
     IN_FLIGHT,
     JOBS_FINISHED,
@@ -52,12 +50,11 @@ from conveyor.metrics import (
     TOKENS,
     ModelNames,
 )
-from conveyor.pricing import cost_micros
-from conveyor.states import JobState
-from conveyor.telemetry import context_from_headers, tracer
-from conveyor.v1 import events_pb2
-from services.worker.limiter import ProviderLimiter
-from services.worker.provider import (
+from conveyor.core.pricing import cost_micros
+from conveyor.core.telemetry import context_from_headers, tracer
+from conveyor.db import jobs as db
+from conveyor.db.engine import is_transient
+from conveyor.llm.provider import (
     TEXT,
     Completion,
     DeltaSink,
@@ -65,6 +62,9 @@ from services.worker.provider import (
     ProviderError,
     classify,
 )
+from conveyor.v1 import events_pb2
+
+from .limiter import ProviderLimiter
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +132,6 @@ def lease_hold_s(lease_s: float, heartbeat_s: float) -> float:
     return max(lease_s - heartbeat_s, lease_s / 2)
 
 
-def backoff_s(attempt: int, base_s: float, cap_s: float, retry_after_s: float | None) -> float:
-    """Exponential backoff with full jitter, never shorter than the provider's retry-after."""
-    delay = random.uniform(0, min(cap_s, base_s * 2 ** max(0, attempt - 1)))
-    return max(delay, retry_after_s or 0.0)
-
-
 def failure_outcome(row: Mapping[str, Any], error: ProviderError, settings: Settings) -> db.Outcome:
     """The outcome of a failed attempt (the job row as claimed): failed when permanent,
     dead when attempts are exhausted, else scheduled for a retry with backoff. Shared by
@@ -197,10 +191,10 @@ class JobRunner:
         self.model_label = ModelNames.from_settings(settings)
 
     def text_so_far(self, job_id: uuid.UUID, attempt: int) -> tuple[int, list[Delta]] | None:
-        """The deltas a running attempt sent so far (conveyor.catchup.Delta: output_tokens,
+        """The deltas a running attempt sent so far (conveyor.bus.catchup.Delta: output_tokens,
         text, kind, block index, block JSON, citation JSON), with the
         sequence number of its RUNNING event; None if this worker does not run that
-        attempt. (conveyor.catchup: a notifier catching a watcher up asks for it.)"""
+        attempt. (conveyor.bus.catchup: a notifier catching a watcher up asks for it.)"""
         entry = self.inflight.get(job_id)
         if entry is None or entry.attempt != attempt:
             return None

@@ -17,10 +17,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import pricing
-from conveyor.admin import create_api_key
 from conveyor.client import ConveyorClient
-from conveyor.config import DEFAULT_TENANT
+from conveyor.core import pricing
+from conveyor.core.config import DEFAULT_TENANT
+from conveyor.db.admin import create_api_key
 from conveyor.db.engine import create_engine
 from conveyor.v1 import jobs_pb2
 from tests.conftest import eventually, finished, job_history

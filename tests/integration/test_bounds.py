@@ -19,14 +19,14 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import devstack
-from conveyor.admin import create_api_key
-from conveyor.auth import Authenticator, generate_key
 from conveyor.client import ConveyorClient
+from conveyor.core.errors import Unauthenticated
+from conveyor.db.admin import create_api_key
 from conveyor.db.engine import create_engine
-from conveyor.errors import Unauthenticated
-from conveyor.runtime import max_request_bytes
+from conveyor.server.auth import Authenticator, generate_key
+from conveyor.server.runtime import max_request_bytes
 from conveyor.v1 import events_pb2, events_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from devtools import devstack
 from tests.conftest import count_jobs, eventually, finished
 from tests.stack import Backing, Stack, free_port
 

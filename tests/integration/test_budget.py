@@ -12,8 +12,8 @@ import uuid
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.budget import BucketStore, LocalBudget
-from conveyor.config import Settings
+from conveyor.core.config import Settings
+from conveyor.db.buckets import BucketStore, LocalBudget
 from services.worker.limiter import Permit, ProviderLimiter
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.admin import create_api_key
 from conveyor.client import ConveyorClient, InvalidArgument, PermissionDenied
+from conveyor.db.admin import create_api_key
 from conveyor.v1 import jobs_pb2
 from tests.conftest import TenantClient, eventually
 from tests.stack import Stack

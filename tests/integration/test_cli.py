@@ -16,8 +16,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.admin import create_api_key
 from conveyor.client import ConveyorClient
+from conveyor.db.admin import create_api_key
 from conveyor.v1 import jobs_pb2
 from tests.conftest import finished
 from tests.stack import Backing, Stack

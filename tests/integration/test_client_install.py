@@ -89,7 +89,7 @@ def test_the_sync_client_and_the_cli_work_from_the_client_install(
     script = textwrap.dedent(
         f"""
         import json, sys
-        from conveyor.sync_client import SyncConveyorClient
+        from conveyor.client.sync import SyncConveyorClient
         from conveyor.client import NotFound
         with SyncConveyorClient({stack.gateway!r}, {stack.notifier!r}, api_key={api_key!r}) as c:
             job = c.submit("claude-sonnet-4-5", "Hi from a clean venv", max_tokens=16,

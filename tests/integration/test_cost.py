@@ -13,9 +13,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.client import InvalidArgument
-from conveyor.pricing import PriceTable, cost_micros
+from conveyor.core.pricing import PriceTable, cost_micros
+from conveyor.server.webhooks import job_json
 from conveyor.v1 import jobs_pb2
-from conveyor.webhooks import job_json
 from tests.conftest import TenantClient, finished
 
 pytestmark = pytest.mark.integration

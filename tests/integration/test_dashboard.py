@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, Request, async_playwright, expect
 
-from conveyor import devstack
 from conveyor.client import ConveyorClient
 from conveyor.v1 import jobs_pb2
+from devtools import devstack
 from tests.conftest import eventually
 from tests.stack import Stack, free_port
 

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.config import Settings
+from conveyor.core.config import Settings
 from conveyor.db.engine import Timeouts, create_engine, fetch, is_transient
 from tests.faults import FaultProxy
 from tests.stack import Backing
@@ -96,7 +96,7 @@ async def test_engines_take_their_timeouts_from_the_settings(
 ) -> None:
     monkeypatch.setenv("CONVEYOR_DB_STATEMENT_TIMEOUT_S", "12")
     monkeypatch.setenv("CONVEYOR_DB_LOCK_TIMEOUT_S", "3")
-    monkeypatch.setattr("conveyor.config.get_settings", lambda: Settings())
+    monkeypatch.setattr("conveyor.core.config.get_settings", lambda: Settings())
     engine = create_engine(backing.database_url, pool_size=1)
     try:
         async with engine.connect() as conn:

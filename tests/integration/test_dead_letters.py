@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import broker
+from conveyor.bus import broker
 from conveyor.client import ConveyorClient
 from tests.conftest import eventually
 from tests.faults import FaultProxy

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import broker
+from conveyor.bus import broker
 from conveyor.client import AlreadyExists, ConveyorClient
 from conveyor.v1 import jobs_pb2
 from tests.conftest import eventually, job_attempts, job_history

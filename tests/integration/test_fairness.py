@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import broker
+from conveyor.bus import broker
 from conveyor.client import ConveyorClient, FailedPrecondition
 from conveyor.v1 import jobs_pb2
 from tests.conftest import TenantClient, finished

@@ -16,9 +16,9 @@ import grpc
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import devstack
 from conveyor.client import ConveyorClient
 from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
+from devtools import devstack
 from tests.conftest import eventually, job_history
 from tests.stack import Stack, free_ports
 

@@ -21,12 +21,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.client import ConveyorClient, InvalidArgument, ResourceExhausted
-from conveyor.config import Settings
+from conveyor.contract.validation import validate_submit
+from conveyor.core.config import Settings
+from conveyor.core.errors import InvalidArgument as ServerInvalidArgument
 from conveyor.db import jobs as db_jobs
 from conveyor.db.engine import create_engine, is_data_error
-from conveyor.errors import InvalidArgument as ServerInvalidArgument
 from conveyor.v1 import jobs_pb2
-from conveyor.validation import validate_submit
 from services.gateway.group_insert import GroupInsert
 from services.gateway.servicer import JobServiceServicer
 from tests.conftest import TenantClient, count_jobs

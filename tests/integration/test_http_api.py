@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.admin import create_api_key
 from conveyor.client import ConveyorClient
+from conveyor.db.admin import create_api_key
 from conveyor.v1 import events_pb2, jobs_pb2
 from services.http.app import OPENAPI_FILE
 from services.http.transcode import to_json
@@ -282,7 +282,7 @@ async def test_malformed_json_unknown_parameters_and_paths_are_4xx_in_the_error_
 async def test_a_body_beyond_the_size_limit_is_413_and_writes_nothing(
     http: aiohttp.ClientSession, db: AsyncEngine, stack: Stack
 ) -> None:
-    from conveyor.runtime import max_request_bytes
+    from conveyor.server.runtime import max_request_bytes
 
     before = await count_jobs(db)
     huge = "x" * (2 * max_request_bytes(stack.settings) + 1)

@@ -16,8 +16,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import devstack
-from conveyor.admin import create_api_key
 from conveyor.client import (
     ConveyorClient,
     FailedPrecondition,
@@ -25,7 +23,9 @@ from conveyor.client import (
     NotFound,
     PermissionDenied,
 )
+from conveyor.db.admin import create_api_key
 from conveyor.v1 import jobs_pb2
+from devtools import devstack
 from tests.conftest import TenantClient, eventually, finished
 from tests.stack import Stack
 

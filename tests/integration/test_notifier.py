@@ -14,9 +14,9 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from conveyor import devstack
 from conveyor.client import ConveyorClient, NotFound
 from conveyor.v1 import events_pb2, events_pb2_grpc, jobs_pb2
+from devtools import devstack
 from tests.conftest import TenantClient, eventually, finished
 from tests.faults import FaultProxy
 from tests.stack import Backing, Stack, free_port

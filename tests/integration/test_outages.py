@@ -14,8 +14,8 @@ import subprocess
 import pytest
 
 from conveyor.client import ConveyorClient, ConveyorError
-from conveyor.sandbox import rabbitmqctl
 from conveyor.v1 import jobs_pb2
+from devtools.sandbox import rabbitmqctl
 from tests.stack import Backing
 
 pytestmark = pytest.mark.integration

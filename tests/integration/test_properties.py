@@ -32,7 +32,7 @@ from google.rpc import error_details_pb2, status_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conveyor.admin import create_api_key
+from conveyor.db.admin import create_api_key
 from conveyor.db.engine import create_engine
 from conveyor.v1 import events_pb2, events_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from tests.stack import Backing, Stack

@@ -15,9 +15,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import devstack
 from conveyor.client import ConveyorClient
 from conveyor.v1 import jobs_pb2
+from devtools import devstack
 from tests.stack import Stack
 
 pytestmark = pytest.mark.integration

@@ -19,9 +19,9 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import devstack
 from conveyor.client import ConveyorClient, InvalidArgument, NotFound
 from conveyor.v1 import jobs_pb2, schedules_pb2, schedules_pb2_grpc
+from devtools import devstack
 from services.dispatcher.schedules import SCHEDULE_LABEL
 from tests.conftest import TenantClient, eventually, finished
 from tests.stack import Stack

@@ -17,7 +17,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.admin import create_api_key
 from conveyor.client import (
     FailedPrecondition,
     InvalidArgument,
@@ -25,7 +24,8 @@ from conveyor.client import (
     PermissionDenied,
     job_status_name,
 )
-from conveyor.sync_client import SyncConveyorClient
+from conveyor.client.sync import SyncConveyorClient
+from conveyor.db.admin import create_api_key
 from conveyor.v1 import jobs_pb2
 from tests.stack import Stack
 

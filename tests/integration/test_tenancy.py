@@ -20,16 +20,16 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import devstack
-from conveyor.admin import create_api_key
-from conveyor.broker import DEAD_LETTER_QUEUE
+from conveyor.bus.broker import DEAD_LETTER_QUEUE
 from conveyor.client import (
     ConveyorClient,
     NotFound,
     PermissionDenied,
     Unauthenticated,
 )
+from conveyor.db.admin import create_api_key
 from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
+from devtools import devstack
 from tests.conftest import TenantClient, count_jobs, eventually, finished
 from tests.stack import Backing, Stack, free_port
 

@@ -15,10 +15,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor import devstack
-from conveyor.admin import create_api_key, set_tenant
 from conveyor.client import ConveyorClient, FailedPrecondition, ResourceExhausted
+from conveyor.db.admin import create_api_key, set_tenant
 from conveyor.v1 import jobs_pb2
+from devtools import devstack
 from tests.conftest import TenantClient, finished
 from tests.stack import Stack, free_ports
 

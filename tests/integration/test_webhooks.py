@@ -34,12 +34,12 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from conveyor import admin
 from conveyor.client import ConveyorClient
-from conveyor.config import DEFAULT_TENANT
+from conveyor.core.config import DEFAULT_TENANT
+from conveyor.db import admin
 from conveyor.db import tenants as tenants_db
+from conveyor.server.webhooks import verify_signature
 from conveyor.v1 import jobs_pb2
-from conveyor.webhooks import verify_signature
 from tests.conftest import TenantClient, eventually
 from tests.stack import TEST_ENV, WEBHOOK_SECRETS_KEY, Backing, free_port
 

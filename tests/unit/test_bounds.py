@@ -14,15 +14,20 @@ from dataclasses import dataclass, field
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.auth import Authenticator, generate_key, hash_key
-from conveyor.config import ConfigError, Settings
+from conveyor.contract.validation import validate_submit
+from conveyor.core.config import ConfigError, Settings
+from conveyor.core.errors import Unauthenticated
+from conveyor.core.metrics import OTHER_MODEL, ModelNames, sdk_models
 from conveyor.db import tenants as tenants_db
-from conveyor.errors import Unauthenticated
-from conveyor.metrics import OTHER_MODEL, ModelNames, sdk_models
-from conveyor.runtime import MIN_RECEIVE_BYTES, check_anonymous, is_loopback, max_request_bytes
+from conveyor.llm.provider import check_provider
+from conveyor.server.auth import Authenticator, generate_key, hash_key
+from conveyor.server.runtime import (
+    MIN_RECEIVE_BYTES,
+    check_anonymous,
+    is_loopback,
+    max_request_bytes,
+)
 from conveyor.v1 import jobs_pb2
-from conveyor.validation import validate_submit
-from services.worker.provider import check_provider
 from services.worker.runner import JobRunner, simulator_headers
 
 WIDE = "\U0001f600"  # 4 bytes in UTF-8: the most a character of a limit can take
@@ -31,7 +36,7 @@ WIDE = "\U0001f600"  # 4 bytes in UTF-8: the most a character of a limit can tak
 @pytest.fixture(autouse=True)
 def _no_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The settings here are the defaults plus each test's values: a test stack of the
-    same run leaves its ports and URLs in os.environ (conveyor.sandbox)."""
+    same run leaves its ports and URLs in os.environ (devtools.sandbox)."""
     for name in list(os.environ):
         if name.startswith(("CONVEYOR_", "ANTHROPIC_")):
             monkeypatch.delenv(name)
@@ -148,7 +153,7 @@ def test_an_anonymous_tenant_on_a_network_listener_is_refused(
 def test_an_anonymous_tenant_is_always_announced_with_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="conveyor.runtime")
+    caplog.set_level(logging.WARNING, logger="conveyor.server.runtime")
     check_anonymous(_settings(anonymous_tenant="default"), "127.0.0.1", "gateway")
     allowed = _settings(anonymous_tenant="default", allow_anonymous_on_network=True)
     check_anonymous(allowed, "0.0.0.0", "gateway")

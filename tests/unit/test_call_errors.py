@@ -1,4 +1,4 @@
-"""The edge of every call (conveyor.runtime.CallInterceptor) answers a body that is not
+"""The edge of every call (conveyor.server.runtime.CallInterceptor) answers a body that is not
 the method's message INVALID_ARGUMENT, and a database error no servicer mapped
 INVALID_ARGUMENT (a value Postgres refuses) or UNAVAILABLE, never UNKNOWN."""
 
@@ -13,7 +13,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from sqlalchemy.exc import DBAPIError
 
-from conveyor.runtime import CallInterceptor
+from conveyor.server.runtime import CallInterceptor
 from conveyor.v1 import jobs_pb2
 
 

@@ -47,7 +47,7 @@ from conveyor.client import (
     job_status_name,
     job_status_value,
 )
-from conveyor.sync_client import SyncConveyorClient
+from conveyor.client.sync import SyncConveyorClient
 from conveyor.v1 import events_pb2, jobs_pb2, operations_pb2
 
 JOB_ID = "0b9f6a4e-8d4c-4d59-9a55-1f0f5b7e1a01"
@@ -692,12 +692,12 @@ def test_the_sync_client_has_every_method_of_the_async_client() -> None:
 def test_the_client_and_the_cli_import_no_server_module() -> None:
     """The base install (the client and the CLI) has none of the server's dependencies."""
     code = (
-        "import sys, conveyor.client, conveyor.sync_client, conveyor.cli\n"
+        "import sys, conveyor.client, conveyor.client.sync, conveyor.cli\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in {"
         "'sqlalchemy', 'aio_pika', 'aiormq', 'asyncpg', 'alembic', 'anthropic', 'pydantic',"
         " 'pydantic_settings', 'orjson', 'opentelemetry', 'aiohttp', 'cryptography',"
         " 'prometheus_client', 'cronsim', 'standardwebhooks'}"
-        " or m in {'conveyor.config', 'conveyor.admin', 'conveyor.db', 'conveyor.auth'}))\n"
+        " or m in {'conveyor.core.config', 'conveyor.db.admin', 'conveyor.db', 'conveyor.server.auth'}))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60

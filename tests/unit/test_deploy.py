@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import threading
+import tomllib
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -44,9 +45,9 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import AliasChoices
 
-from conveyor.broker import DEAD_LETTER_QUEUE, lane_queue, tenant_lane_queue
-from conveyor.config import LANES, Settings
-from conveyor.simulator.app import SimulatorConfig
+from conveyor.bus.broker import DEAD_LETTER_QUEUE, lane_queue, tenant_lane_queue
+from conveyor.core.config import LANES, Settings
+from devtools.simulator.app import SimulatorConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -61,12 +62,12 @@ MIN_KUBERNETES = (1, 27)  # native gRPC probes are GA from 1.27 on
 CONVEYOR_IMAGE = "conveyor"
 
 MODULES = {
-    "gateway": "services.gateway",
-    "notifier": "services.notifier",
-    "worker": "services.worker",
-    "dispatcher": "services.dispatcher",
-    "simulator": "conveyor.simulator",
-    "http": "services.http",
+    "gateway": "conveyor.services.gateway",
+    "notifier": "conveyor.services.notifier",
+    "worker": "conveyor.services.worker",
+    "dispatcher": "conveyor.services.dispatcher",
+    "simulator": "devtools.simulator",
+    "http": "conveyor.services.http",
 }
 """Each Conveyor process, by its compose service / Deployment name, and what it runs."""
 SERVICES = ("gateway", "notifier", "worker", "dispatcher")
@@ -195,7 +196,11 @@ def container_env(container: dict[str, Any]) -> dict[str, str | None]:
 
 
 def command_module(command: list[str]) -> str:
-    """The module of a `python -m MODULE` command."""
+    """The module a command runs: `python -m MODULE`, or one of the package's console scripts."""
+    if len(command) == 1:
+        scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+        target: str = scripts[command[0]]
+        return target.split(":")[0].removesuffix(".__main__")
     assert command[:2] == ["python", "-m"] and len(command) == 3, command
     return command[2]
 
@@ -382,7 +387,7 @@ def test_the_image_carries_the_healthcheck_script_and_defaults_to_the_gateway() 
     copies = [args.split() for ins, args in final_stage() if ins == "COPY"]
     assert ["deploy/healthcheck.py", HEALTHCHECK_IN_IMAGE] in copies
     (cmd,) = [args for ins, args in final_stage() if ins == "CMD"]
-    assert command_module(yaml.safe_load(cmd)) == "services.gateway"
+    assert command_module(yaml.safe_load(cmd)) == "conveyor.services.gateway"
 
 
 def test_every_file_the_dockerfile_copies_is_in_the_build_context() -> None:
@@ -541,8 +546,8 @@ def test_the_worker_calls_the_real_api_unless_the_shell_asks_for_the_simulator(
 
 def anonymous_problem(settings: Settings, name: str) -> str | None:
     """Why a service with these settings would refuse to start over its anonymous tenant."""
-    from conveyor.config import ConfigError
-    from conveyor.runtime import check_anonymous
+    from conveyor.core.config import ConfigError
+    from conveyor.server.runtime import check_anonymous
 
     host = getattr(settings, f"{name}_host", None)
     if host is None:
@@ -1049,7 +1054,7 @@ def stack_webhook_keys(
 
 def assert_webhooks_can_be_signed(keys: dict[str, str | None]) -> None:
     """A secret made where the CLI runs opens in the notifier, which can then sign."""
-    from conveyor.webhooks import SecretBox, new_secret, signed_headers, verify_signature
+    from conveyor.server.webhooks import SecretBox, new_secret, signed_headers, verify_signature
 
     made, signer = keys["gateway"], keys["notifier"]
     assert made is not None and signer is not None, "without the key no webhook is sent"

@@ -14,13 +14,13 @@ from typing import Any
 import orjson
 import pytest
 
+from conveyor.bus.events import delta_runs, shape_of
 from conveyor.cli import build_parser, build_submit_request, format_blocks, job_dict
 from conveyor.client import _jsonable, content_blocks, message_of
-from conveyor.convert import job_to_proto
+from conveyor.contract.convert import job_to_proto
 from conveyor.db.jobs import new_row
-from conveyor.events import delta_runs, shape_of
+from conveyor.llm.provider import MessageBuilder, create_arguments
 from conveyor.v1 import events_pb2 as ev
-from services.worker.provider import MessageBuilder, create_arguments
 from tests import bodies
 
 Piece = tuple[int, int, str, bytes, bytes]
@@ -336,7 +336,7 @@ def test_the_client_sends_sdk_iterables_and_models_as_json() -> None:
 
 
 def test_a_webhook_body_carries_the_whole_final_message() -> None:
-    from conveyor.webhooks import job_json
+    from conveyor.server.webhooks import job_json
 
     row = _row(status="succeeded", result=RESULT, stop_reason="tool_use", input_tokens=1)
     out = job_json(row)
@@ -345,9 +345,9 @@ def test_a_webhook_body_carries_the_whole_final_message() -> None:
 
 
 def test_a_workers_answer_for_a_late_watcher_holds_every_kind_and_block() -> None:
-    """The text so far that a notifier asks a worker for (conveyor.catchup) is made of
+    """The text so far that a notifier asks a worker for (conveyor.bus.catchup) is made of
     the deltas as published: kinds, block indexes and first blocks included."""
-    from conveyor.catchup import TextSoFar
+    from conveyor.bus.catchup import TextSoFar
     from services.worker.runner import InFlight, JobRunner
 
     job_id = uuid.uuid4()

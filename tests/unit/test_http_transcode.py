@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from conveyor.errors import InvalidArgument
+from conveyor.core.errors import InvalidArgument
 from conveyor.v1 import events_pb2, jobs_pb2
 from services.http.app import Positions
 from services.http.transcode import Route, from_json, request_from, routes, to_json

@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from conveyor.logs import setup_logging
+from conveyor.core.logs import setup_logging
 from tests.conftest import logged_errors
 
 

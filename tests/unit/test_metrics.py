@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from conveyor.metrics import serve_metrics
+from conveyor.core.metrics import serve_metrics
 
 
 def test_a_taken_metrics_port_is_not_fatal() -> None:

@@ -7,8 +7,8 @@ from typing import Any, cast
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from conveyor.catchup import TextSoFar
-from conveyor.events import BATCH_CONTENT_TYPE, EVENT_CONTENT_TYPE, TEXT
+from conveyor.bus.catchup import TextSoFar
+from conveyor.bus.events import BATCH_CONTENT_TYPE, EVENT_CONTENT_TYPE, TEXT
 from conveyor.v1 import events_pb2, jobs_pb2
 from services.notifier.hub import Hub, Watcher
 

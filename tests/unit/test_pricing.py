@@ -1,4 +1,4 @@
-"""The price table and what a usage costs (conveyor.pricing)."""
+"""The price table and what a usage costs (conveyor.core.pricing)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from conveyor.pricing import (
+from conveyor.core.pricing import (
     DEFAULT_PRICES,
     ModelPrice,
     PriceTable,

@@ -2,7 +2,7 @@
 
 Real request shapes pass and come back equal; each malformed body is refused with
 the JSON path of what is wrong; the input-token estimate counts images, documents
-and tools as documented in conveyor.request_body.estimate.
+and tools as documented in conveyor.contract.request_body.estimate.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import orjson
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from conveyor.config import Settings
-from conveyor.errors import InvalidArgument
-from conveyor.request_body import BodyLimits, estimate_input_tokens, validate_body
-from conveyor.request_body import estimate as est
+from conveyor.contract.request_body import BodyLimits, estimate_input_tokens, validate_body
+from conveyor.contract.request_body import estimate as est
+from conveyor.core.config import Settings
+from conveyor.core.errors import InvalidArgument
 from tests import bodies
 from tests.bodies import INVALID, VALID, Bad
 

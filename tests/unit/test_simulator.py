@@ -10,10 +10,10 @@ import aiohttp
 import anthropic
 import pytest
 
-from conveyor.simulator import RunningSimulator, SimulatorConfig, start_simulator
-from conveyor.simulator.__main__ import parse_config
-from conveyor.simulator.app import plan_generation
-from services.worker.provider import classify
+from conveyor.llm.provider import classify
+from devtools.simulator import RunningSimulator, SimulatorConfig, start_simulator
+from devtools.simulator.__main__ import parse_config
+from devtools.simulator.app import plan_generation
 
 MODEL = "claude-sim-1"
 MESSAGES: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Say something."}]

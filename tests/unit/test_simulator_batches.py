@@ -11,7 +11,7 @@ import anthropic
 import pytest
 from anthropic.types.messages import MessageBatchErroredResult, MessageBatchSucceededResult
 
-from conveyor.simulator.app import RunningSimulator, SimulatorConfig, start_simulator
+from devtools.simulator.app import RunningSimulator, SimulatorConfig, start_simulator
 
 MODEL = "claude-sonnet-4-5"
 

@@ -17,10 +17,10 @@ import anthropic
 import jsonschema
 import pytest
 
-from conveyor.simulator import RunningSimulator, start_simulator
-from conveyor.simulator.caching import PromptCache
-from conveyor.simulator.schema_values import value_for_schema
-from conveyor.simulator.tokens import PDF_PAGE_TOKENS, Segment, estimate_input_tokens
+from devtools.simulator import RunningSimulator, start_simulator
+from devtools.simulator.caching import PromptCache
+from devtools.simulator.schema_values import value_for_schema
+from devtools.simulator.tokens import PDF_PAGE_TOKENS, Segment, estimate_input_tokens
 
 MODEL = "claude-sim-1"
 ASK: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]

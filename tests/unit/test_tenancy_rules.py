@@ -8,21 +8,21 @@ import anthropic
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from conveyor.auth import (
+from conveyor.contract.validation import validate_submit
+from conveyor.core.config import Settings
+from conveyor.core.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from conveyor.llm.provider import classify
+from conveyor.server.auth import (
     KEY_PREFIX,
     bearer_key,
     check_tenant_name,
     generate_key,
     hash_key,
 )
-from conveyor.config import Settings
-from conveyor.errors import InvalidArgument, ResourceExhausted, Unauthenticated
-from conveyor.simulator import SimulatorConfig, start_simulator
-from conveyor.simulator.app import estimate_input_tokens as simulator_estimate
 from conveyor.v1 import jobs_pb2
-from conveyor.validation import validate_submit
+from devtools.simulator import SimulatorConfig, start_simulator
+from devtools.simulator.app import estimate_input_tokens as simulator_estimate
 from services.worker.limiter import estimate_input_tokens, exhausted, parse_limits
-from services.worker.provider import classify
 
 
 def test_keys_are_random_and_stored_as_their_sha256() -> None:

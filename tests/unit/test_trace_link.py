@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conveyor.cli import trace_link
-from conveyor.config import get_settings
+from conveyor.core.config import get_settings
 
 
 @pytest.fixture(autouse=True)

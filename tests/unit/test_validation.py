@@ -6,10 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from conveyor.config import Settings
-from conveyor.errors import InvalidArgument
+from conveyor.contract.validation import request_hash, validate_submit
+from conveyor.core.config import Settings
+from conveyor.core.errors import InvalidArgument
 from conveyor.v1 import jobs_pb2
-from conveyor.validation import request_hash, validate_submit
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -16,13 +16,13 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from conveyor.config import Settings
-from conveyor.webhooks import (
+from conveyor.core.config import Settings
+from conveyor.core.lifecycle import backoff_s
+from conveyor.server.webhooks import (
     SecretBox,
     address_refusal,
     new_secret,
     parse_networks,
-    retry_delay_s,
     secret_bytes,
     secret_text,
     signature,
@@ -209,10 +209,10 @@ def test_configuration_can_allow_private_addresses_wholesale_or_by_network() -> 
 def test_retry_delays_grow_with_jitter_up_to_the_cap_and_honour_retry_after() -> None:
     for attempt, ceiling in ((1, 1.0), (2, 2.0), (3, 4.0), (10, 60.0)):
         for _ in range(50):
-            delay = retry_delay_s(attempt, 1.0, 60.0)
+            delay = backoff_s(attempt, 1.0, 60.0)
             assert ceiling / 2 <= delay <= ceiling
-    assert retry_delay_s(1, 1.0, 60.0, retry_after_s=30.0) >= 30.0
-    assert retry_delay_s(1, 1.0, 60.0, retry_after_s=3600.0) <= 60.0
+    assert backoff_s(1, 1.0, 60.0, retry_after_s=30.0) >= 30.0
+    assert backoff_s(1, 1.0, 60.0, retry_after_s=3600.0) <= 60.0
 
 
 class FakeResolver(AbstractResolver):

@@ -13,10 +13,11 @@ import httpx2
 import pytest
 from anthropic._streaming import SSEDecoder
 
-from conveyor.broker import JobMessage
-from conveyor.config import Settings
-from services.worker.provider import classify, sse_events
-from services.worker.runner import InFlight, JobRunner, backoff_s, lease_hold_s
+from conveyor.bus.broker import JobMessage
+from conveyor.core.config import Settings
+from conveyor.core.lifecycle import backoff_s
+from conveyor.llm.provider import classify, sse_events
+from services.worker.runner import InFlight, JobRunner, lease_hold_s
 
 
 def _status_error(

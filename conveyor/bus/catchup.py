@@ -1,0 +1,191 @@
+"""Text so far: a notifier asks the worker running an attempt for that attempt's token
+deltas, when its own buffer does not reach back far enough (it started after the
+attempt did, or trimmed it).
+
+The worker keeps the text of the attempts it runs in memory anyway (it makes the
+result) and notes where each published delta ended, so answering costs it nothing
+on the hot path; nothing is written to Postgres per token. The answer gives the
+deltas exactly as they were published (same pieces, same sequence numbers), so a
+stream mixing answered and live deltas is the same as a live one. The request goes to every worker on the events exchange
+(`control.text.<tenant>`, bound by each worker's control queue); only the worker
+holding that job's attempt answers, on the notifier's reply queue. The answer holds
+every delta of the attempt up to the moment the worker read it; the notifier's live
+subscription began before the request, so the answer and the live stream overlap
+instead of leaving a gap, and sequence numbers remove the overlap.
+
+No answer within the timeout means no worker runs that attempt any more (it just
+ended, or its worker is gone): the caller decides from Postgres what that means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, DeliveryMode
+
+from conveyor.bus.broker import TEXT_REQUEST_BINDING, text_request_key
+from conveyor.bus.events import token_delta
+from conveyor.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+Delta = tuple[int, str, int, int, str, str]
+"""(output_tokens, text, kind, block index, block_json, citation_json) of one delta as
+the worker sent it (see events.proto TokenDelta; the JSON as text): its sequence number
+is the RUNNING event's plus output_tokens."""
+Lookup = Callable[[uuid.UUID, int], tuple[int, list[Delta]] | None]
+"""(job id, attempt) -> (sequence of the attempt's RUNNING event, the deltas it sent so far)."""
+
+
+@dataclass(frozen=True)
+class TextSoFar:
+    """The deltas of one attempt so far, exactly as the worker published them (the same
+    text in the same pieces, under the same sequence numbers)."""
+
+    job_id: str
+    attempt: int
+    base_seq: int
+    deltas: list[Delta]
+
+    @property
+    def last_seq(self) -> int:
+        return self.base_seq + (self.deltas[-1][0] if self.deltas else 0)
+
+    @property
+    def count(self) -> int:
+        return self.deltas[-1][0] if self.deltas else 0
+
+    def after(self, sequence: int) -> list[tuple[int, events_pb2.TokenDelta]]:
+        """(sequence, TokenDelta) of the deltas above `sequence`, in order."""
+        return [
+            (
+                self.base_seq + n,
+                token_delta(text, self.attempt, n, kind, index, block.encode(), cited.encode()),
+            )
+            for n, text, kind, index, block, cited in self.deltas
+            if self.base_seq + n > sequence
+        ]
+
+
+async def serve_text_requests(
+    channel: AbstractChannel, exchange: AbstractExchange, lookup: Lookup
+) -> None:
+    """Answer notifiers' requests for the text so far of attempts this worker runs."""
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(exchange, TEXT_REQUEST_BINDING)
+
+    async def on_request(message: AbstractIncomingMessage) -> None:
+        try:
+            request = orjson.loads(message.body)
+            job_id, attempt = uuid.UUID(request["job_id"]), int(request["attempt"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("malformed text request dropped")
+            return
+        found = lookup(job_id, attempt)
+        if found is None or not message.reply_to:
+            return  # another worker runs it, or nobody does
+        base_seq, deltas = found
+        body = orjson.dumps(
+            {"job_id": str(job_id), "attempt": attempt, "base_seq": base_seq, "deltas": deltas}
+        )
+        with contextlib.suppress(Exception):  # the asker gives up after its timeout anyway
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    body=body,
+                    correlation_id=message.correlation_id,
+                    delivery_mode=DeliveryMode.NOT_PERSISTENT,
+                ),
+                routing_key=message.reply_to,
+            )
+
+    await queue.consume(on_request, no_ack=True)
+
+
+class TextSoFarClient:
+    """The notifier's side: ask for an attempt's text so far and wait for the answer.
+
+    Concurrent requests for the same attempt share one round trip.
+    """
+
+    def __init__(self, channel: AbstractChannel, exchange: AbstractExchange) -> None:
+        self.channel = channel
+        self.exchange = exchange
+        self.reply_queue = ""
+        self._waiting: dict[str, asyncio.Future[TextSoFar]] = {}
+        self._shared: dict[tuple[str, int], asyncio.Task[TextSoFar | None]] = {}
+
+    async def start(self) -> None:
+        queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+        self.reply_queue = queue.name
+        await queue.consume(self._on_reply, no_ack=True)
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._waiting.pop(message.correlation_id or "", None)
+        if future is None or future.done():
+            return
+        try:
+            data = orjson.loads(message.body)
+            future.set_result(
+                TextSoFar(
+                    job_id=str(data["job_id"]),
+                    attempt=int(data["attempt"]),
+                    base_seq=int(data["base_seq"]),
+                    deltas=[
+                        (int(n), str(t), int(k), int(i), str(b), str(c))
+                        for n, t, k, i, b, c in data["deltas"]
+                    ],
+                )
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            future.set_exception(ValueError(f"malformed text reply: {exc}"))
+
+    async def fetch(
+        self,
+        tenant: str,
+        job_id: str,
+        attempt: int,
+        timeout_s: float,  # noqa: ASYNC109 - a wait for an answer, passed on as an expiry
+    ) -> TextSoFar | None:
+        """The attempt's deltas so far, or None if no worker answered in time."""
+        key = (job_id, attempt)
+        task = self._shared.get(key)
+        if task is None:
+            task = asyncio.create_task(self._fetch(tenant, job_id, attempt, timeout_s))
+            self._shared[key] = task
+            task.add_done_callback(lambda _: self._shared.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _fetch(
+        self,
+        tenant: str,
+        job_id: str,
+        attempt: int,
+        timeout_s: float,  # noqa: ASYNC109
+    ) -> TextSoFar | None:
+        correlation = uuid.uuid4().hex
+        future: asyncio.Future[TextSoFar] = asyncio.get_running_loop().create_future()
+        self._waiting[correlation] = future
+        try:
+            await self.exchange.publish(
+                aio_pika.Message(
+                    body=orjson.dumps({"job_id": job_id, "attempt": attempt}),
+                    correlation_id=correlation,
+                    reply_to=self.reply_queue,
+                    expiration=timeout_s,
+                    delivery_mode=DeliveryMode.NOT_PERSISTENT,
+                ),
+                routing_key=text_request_key(tenant),
+                mandatory=False,
+            )
+            return await asyncio.wait_for(future, timeout_s)
+        except (TimeoutError, ValueError):
+            return None
+        finally:
+            self._waiting.pop(correlation, None)

@@ -1,0 +1,1 @@
+"""The core every part shares: job states and their lifecycle, settings, errors, logs, metrics, tracing and prices."""
