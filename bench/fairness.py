@@ -150,11 +150,9 @@ async def _drop_backlog(stack: sandbox.Stack, client: ConveyorClient, tenant: st
         await asyncio.gather(*(cancel(j) for j in ids[start : start + 200]))
     connection = await aio_pika.connect(stack.backing.amqp_url)
     async with connection:
-        for name in (broker.tenant_lane_queue("bulk", tenant), broker.lane_queue("bulk")):
-            channel = await connection.channel()
-            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
-                queue = await channel.declare_queue(name, passive=True)
-                await queue.purge()
+        await broker.purge_queues(
+            connection, (broker.tenant_lane_queue("bulk", tenant), broker.lane_queue("bulk"))
+        )
 
 
 async def figures(

@@ -22,7 +22,10 @@ reproduced:
 - waking a process: the round trip of a byte between two processes over loopback
   TCP (median), back to back and after the other side sat idle for 2 and 20 ms.
   A job crosses such a hop about ten times before its model call starts; on a
-  virtual machine a vCPU that went idle takes far longer to wake than a busy one.
+  virtual machine a vCPU that went idle takes far longer to wake than a busy one;
+- RabbitMQ memory for a backlog (bench.backlog_floor, on nodes of its own): the
+  idle node's RSS, and the memory per queued message of a lane queue and of the
+  smallest persistent message in a lazy queue.
 
     python -m bench.floors [--calls N] [--out FILE]   # prints the figures and writes them
                                                        # (default bench/results/floors-<UTC>.json)
@@ -47,7 +50,7 @@ import aiohttp
 import asyncpg
 import grpc
 
-from bench import h2load, report
+from bench import backlog_floor, h2load, report
 from bench.harness import (
     cpu_ticks,
     gateway_clients,
@@ -154,7 +157,7 @@ async def amqp_floors(url: str, messages: int) -> dict[str, float]:
         queue = await channel.declare_queue(
             f"floors-{uuid.uuid4().hex[:8]}",
             durable=True,
-            arguments={"x-queue-type": "classic", "x-max-priority": 9},
+            arguments=broker._lane_arguments(9),
         )
         body = broker.JobMessage(uuid.uuid4(), "default").encode()
         headers = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
@@ -432,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, help="the JSON file (default: bench/results/floors-<UTC>.json)"
     )
+    parser.add_argument(
+        "--backlog", type=int, help="messages queued for the memory floor (default: 10 × calls)"
+    )
     parser.add_argument("--serve-grpc", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -452,11 +458,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             figures = uvloop.run(measure(backing, args.calls))
         finally:
             stack.stop_all()
+    memory = backlog_floor.measure(args.backlog or 10 * args.calls)
     print(f"Conveyor floors — {report.describe_machine(machine)}")
     for label, value in figures.items():
         print(f"  {label}: {value:,.0f} µs")
+    for label, value in memory.items():
+        print(f"  {label}: {value:,.1f}")
     out = args.out or ROOT / "bench" / "results" / f"floors-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.write_text(json.dumps({"machine": machine, "calls": args.calls, "us": figures}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"machine": machine, "calls": args.calls, "us": figures, "memory": memory}, indent=1
+        )
+    )
     print(f"figures written to {out}")
     return 0
 

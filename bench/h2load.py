@@ -1,9 +1,9 @@
 """SubmitJob load from h2load, nghttp2's HTTP/2 load generator (written in C).
 
-On a 2-core machine the load generator shares the cores with the system it
-measures: Python gRPC clients spend about 0.25 ms of CPU per call here, as much
-as the gateway's gRPC server does, so at 1,500 calls/s they take a fifth of the
-machine away from it. h2load spends a tenth of that. It speaks plain HTTP/2, so
+On a small machine the load generator shares the cores with the system it
+measures, and a Python gRPC client spends about as much CPU per call as the
+gateway's gRPC server does; h2load spends far less (bench/README.md has the
+figures). It speaks plain HTTP/2, so
 it is given the gRPC framing itself (the 5-byte length prefix before the
 serialized request, `content-type: application/grpc`, `te: trailers`) and sends
 the same SubmitJob for every call (no idempotency key, so each one makes a job).

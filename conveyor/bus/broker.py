@@ -2,7 +2,7 @@
 
 ```
 conveyor.jobs (direct) ──<lane>.<tenant>──▶ conveyor.lane.<lane>.<tenant>  (classic, durable,
-                       ──<lane>──────────▶ conveyor.lane.<lane>             x-max-priority, DLX)
+                       ──<lane>──────────▶ conveyor.lane.<lane>             lazy, x-max-priority, DLX)
 conveyor.dlx (fanout) ─────────▶ conveyor.dead          (dispatcher consumes)
 (default exchange) ────────────▶ conveyor.webhooks      (durable; webhook deliveries,
                                                          consumed by the notifiers)
@@ -23,25 +23,43 @@ publishers to announce again (`control.tenants.query`). The shared
 `conveyor.lane.<lane>` queues serve CONVEYOR_FAIR_TENANTS=false.
 
 Declaring is idempotent, so every service declares the whole topology at start.
-Lanes are classic queues because quorum queues reject `x-max-priority`.
+Lanes are classic queues because quorum queues reject `x-max-priority`. They are
+lazy (`x-queue-mode: lazy`, what RabbitMQ 3.12 does anyway) in the version 2
+on-disk format (`x-queue-version: 2`): a waiting job's message lives on disk, not
+in the broker's memory, which a non-lazy classic queue would otherwise fill with
+every persistent message of a backlog. The queues keep one broker priority level
+per contract priority (`x-max-priority` = CONVEYOR_MAX_PRIORITY): fewer levels
+would not shrink a lazy queue's backlog, only each queue's fixed cost (a
+sub-queue per level). A lane queue declared earlier with other arguments is used
+as it is, with a warning (`declare_lane_queues`), since RabbitMQ refuses to
+redeclare it.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
+import aiormq
 import orjson
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractQueue,
     AbstractRobustConnection,
     DeliveryMode,
     ExchangeType,
 )
+
+from conveyor.bus.control import publish_control
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 JOBS_EXCHANGE = "conveyor.jobs"
 DEAD_LETTER_EXCHANGE = "conveyor.dlx"
@@ -110,13 +128,11 @@ async def declare_topology(
     webhooks = await channel.declare_queue(
         WEBHOOKS_QUEUE, durable=True, arguments={"x-queue-type": "classic"}
     )
-    queues: dict[str, AbstractQueue] = {}
-    for lane in lanes:
-        queue = await channel.declare_queue(
-            lane_queue(lane), durable=True, arguments=_lane_arguments(max_priority)
-        )
+    queues = await declare_lane_queues(
+        channel, {lane: lane_queue(lane) for lane in lanes}, _lane_arguments(max_priority)
+    )
+    for lane, queue in queues.items():
         await queue.bind(jobs, routing_key=lane)
-        queues[lane] = queue
     return Topology(
         jobs=jobs,
         dead_letters=dlx,
@@ -128,11 +144,77 @@ async def declare_topology(
 
 
 def _lane_arguments(max_priority: int) -> dict[str, Any]:
+    """A lane queue's arguments: a lazy classic priority queue (format version 2) whose
+    rejected and expired messages go to the dead-letter exchange."""
     return {
         "x-queue-type": "classic",
+        "x-queue-mode": "lazy",
+        "x-queue-version": 2,
         "x-max-priority": max_priority,
         "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
     }
+
+
+async def declare_lane_queues(
+    channel: AbstractChannel, names: Mapping[str, str], arguments: dict[str, Any]
+) -> dict[str, AbstractQueue]:
+    """Declare durable queues (lane -> queue name) with `arguments`.
+
+    A queue that already exists with other arguments (declared by an older Conveyor,
+    or with another CONVEYOR_MAX_PRIORITY) is declared passively and used as it is,
+    with a warning: RabbitMQ never changes a queue's arguments, and refuses a declare
+    with other ones (PRECONDITION_FAILED) by closing the channel. The arguments are
+    therefore tried on a channel of their own, so that `channel`, which may carry
+    consumers and unconfirmed publishes, stays open."""
+    refused = await _refused_queues(channel, names.values(), arguments)
+    queues: dict[str, AbstractQueue] = {}
+    for lane, name in names.items():
+        if name in refused:
+            queues[lane] = await channel.declare_queue(name, durable=True, passive=True)
+        else:
+            queues[lane] = await channel.declare_queue(name, durable=True, arguments=arguments)
+    return queues
+
+
+_warned: set[str] = set()
+"""Queues this process has warned about (once each)."""
+
+
+async def _refused_queues(
+    channel: AbstractChannel, names: Collection[str], arguments: dict[str, Any]
+) -> set[str]:
+    """The queues among `names` that exist with arguments other than `arguments`
+    (the others are declared by the way)."""
+    connection = (await channel.get_underlay_channel()).connection
+    refused: set[str] = set()
+    probe = await connection.channel(publisher_confirms=False)
+    try:
+        for name in names:
+            try:
+                await probe.queue_declare(name, durable=True, arguments=arguments)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                refused.add(name)
+                _warn_refused(name, arguments, exc)
+                probe = await connection.channel(publisher_confirms=False)
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+    return refused
+
+
+def _warn_refused(name: str, arguments: dict[str, Any], exc: Exception) -> None:
+    if name in _warned:
+        return
+    _warned.add(name)
+    log.warning(
+        "queue %s exists with other arguments and is used as it is; to give it %s, delete it"
+        " while it is empty and no service runs (rabbitmqctl delete_queue %s --if-empty):"
+        " the next service to start declares it again",
+        name,
+        arguments,
+        name,
+        extra={"queue": name, "refused": str(exc)},
+    )
 
 
 async def declare_tenant_lanes(
@@ -140,13 +222,13 @@ async def declare_tenant_lanes(
 ) -> dict[str, AbstractQueue]:
     """Declare (idempotently) a tenant's queue of every lane, bound to `conveyor.jobs`."""
     jobs = await channel.declare_exchange(JOBS_EXCHANGE, ExchangeType.DIRECT, durable=True)
-    queues: dict[str, AbstractQueue] = {}
-    for lane in lanes:
-        queue = await channel.declare_queue(
-            tenant_lane_queue(lane, tenant), durable=True, arguments=_lane_arguments(max_priority)
-        )
+    queues = await declare_lane_queues(
+        channel,
+        {lane: tenant_lane_queue(lane, tenant) for lane in lanes},
+        _lane_arguments(max_priority),
+    )
+    for lane, queue in queues.items():
         await queue.bind(jobs, routing_key=job_routing_key(lane, tenant))
-        queues[lane] = queue
     return queues
 
 
@@ -213,11 +295,7 @@ CANCEL_BINDING = "control.cancel.#"
 
 async def publish_cancel(events: AbstractExchange, job_id: uuid.UUID, tenant: str) -> None:
     """Tell every worker to abort the job if it is running it."""
-    await events.publish(
-        aio_pika.Message(body=str(job_id).encode(), delivery_mode=DeliveryMode.NOT_PERSISTENT),
-        routing_key=cancel_routing_key(tenant),
-        mandatory=False,
-    )
+    await publish_control(events, cancel_routing_key(tenant), str(job_id))
 
 
 TENANT_ANNOUNCE_BINDING = "control.tenant.*"
@@ -231,11 +309,7 @@ def tenant_announce_key(tenant: str) -> str:
 
 async def announce_tenant(events: AbstractExchange, tenant: str) -> None:
     """Tell the workers that `tenant` has lane queues to consume."""
-    await events.publish(
-        aio_pika.Message(body=tenant.encode(), delivery_mode=DeliveryMode.NOT_PERSISTENT),
-        routing_key=tenant_announce_key(tenant),
-        mandatory=False,
-    )
+    await publish_control(events, tenant_announce_key(tenant), tenant)
 
 
 async def ask_for_tenants(events: AbstractExchange) -> None:
@@ -254,3 +328,49 @@ TEXT_REQUEST_BINDING = "control.text.#"
 def text_request_key(tenant: str) -> str:
     """Routing key of a notifier's request for a running attempt's text so far."""
     return f"control.text.{tenant}"
+
+
+async def on_existing_queues(
+    connection: AbstractConnection,
+    names: Iterable[str],
+    action: Callable[[AbstractQueue], Awaitable[T]],
+) -> dict[str, T]:
+    """`action`'s result for each named queue that exists (found by a passive declare);
+    a missing queue, or a failed action, is left out.
+
+    A channel of its own, opened again when needed: a passive declare of a missing
+    queue (a tenant that never submitted to a lane) closes the channel it ran on.
+    """
+    results: dict[str, T] = {}
+    channel: AbstractChannel | None = None
+    try:
+        for name in names:
+            try:
+                if channel is None or channel.is_closed:
+                    channel = await connection.channel()
+                queue = await channel.declare_queue(name, passive=True)
+                results[name] = await action(queue)
+            except Exception as exc:  # missing, or the broker away: advisory
+                log.debug("queue unavailable", extra={"queue": name, "error": repr(exc)})
+    finally:
+        if channel is not None and not channel.is_closed:
+            await channel.close()
+    return results
+
+
+async def _depth(queue: AbstractQueue) -> int:
+    return int(queue.declaration_result.message_count or 0)
+
+
+async def queue_depths(connection: AbstractConnection, names: Iterable[str]) -> dict[str, int]:
+    """Messages ready in each named queue that exists (the passive declare's count)."""
+    return await on_existing_queues(connection, names, _depth)
+
+
+async def _purge(queue: AbstractQueue) -> None:
+    await queue.purge()
+
+
+async def purge_queues(connection: AbstractConnection, names: Iterable[str]) -> None:
+    """Empty each named queue that exists (benchmarks and tests start from empty queues)."""
+    await on_existing_queues(connection, names, _purge)

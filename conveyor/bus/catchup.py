@@ -5,8 +5,9 @@ attempt did, or trimmed it).
 The worker keeps the text of the attempts it runs in memory anyway (it makes the
 result) and notes where each published delta ended, so answering costs it nothing
 on the hot path; nothing is written to Postgres per token. The answer gives the
-deltas exactly as they were published (same pieces, same sequence numbers), so a
-stream mixing answered and live deltas is the same as a live one. The request goes to every worker on the events exchange
+deltas exactly as they were published (same pieces, same sequence numbers, built by
+conveyor.bus.events.delta_event), so a stream mixing answered and live deltas is the
+same as a live one. The request goes to every worker on the events exchange
 (`control.text.<tenant>`, bound by each worker's control queue); only the worker
 holding that job's attempt answers, on the notifier's reply queue. The answer holds
 every delta of the attempt up to the moment the worker read it; the notifier's live
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, DeliveryMode
 
 from conveyor.bus.broker import TEXT_REQUEST_BINDING, text_request_key
-from conveyor.bus.events import token_delta
+from conveyor.bus.events import delta_event
 from conveyor.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -62,15 +64,25 @@ class TextSoFar:
     def count(self) -> int:
         return self.deltas[-1][0] if self.deltas else 0
 
-    def after(self, sequence: int) -> list[tuple[int, events_pb2.TokenDelta]]:
-        """(sequence, TokenDelta) of the deltas above `sequence`, in order."""
+    def events(self, tenant: str, after: int) -> list[events_pb2.JobEvent]:
+        """The deltas above sequence number `after` as the events they were published as."""
+        now_ns = time.time_ns()
         return [
-            (
+            delta_event(
+                self.job_id,
+                tenant,
                 self.base_seq + n,
-                token_delta(text, self.attempt, n, kind, index, block.encode(), cited.encode()),
+                text,
+                self.attempt,
+                n,
+                kind,
+                index,
+                block.encode(),
+                cited.encode(),
+                at_ns=now_ns,
             )
             for n, text, kind, index, block, cited in self.deltas
-            if self.base_seq + n > sequence
+            if self.base_seq + n > after
         ]
 
 

@@ -23,17 +23,19 @@ def lanes_key(tenant: str) -> str:
     return f"control.lanes.{'all' if tenant == '*' else tenant}"
 
 
-async def publish_lanes_changed(events: AbstractExchange, tenant: str) -> None:
+async def publish_control(events: AbstractExchange, routing_key: str, body: str) -> None:
+    """Send a control message: transient and unroutable-is-fine, since each receiver also
+    reads the state it is told about from Postgres when it starts."""
     await events.publish(
-        aio_pika.Message(body=tenant.encode(), delivery_mode=DeliveryMode.NOT_PERSISTENT),
-        routing_key=lanes_key(tenant),
+        aio_pika.Message(body=body.encode(), delivery_mode=DeliveryMode.NOT_PERSISTENT),
+        routing_key=routing_key,
         mandatory=False,
     )
+
+
+async def publish_lanes_changed(events: AbstractExchange, tenant: str) -> None:
+    await publish_control(events, lanes_key(tenant), tenant)
 
 
 async def publish_drain(events: AbstractExchange, worker_id: str) -> None:
-    await events.publish(
-        aio_pika.Message(body=worker_id.encode(), delivery_mode=DeliveryMode.NOT_PERSISTENT),
-        routing_key=DRAIN_KEY,
-        mandatory=False,
-    )
+    await publish_control(events, DRAIN_KEY, worker_id)

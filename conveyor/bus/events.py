@@ -1,10 +1,16 @@
-"""Job events: building them from rows and publishing them on `conveyor.events`.
+"""Job events: the one place they are built, and their publishing on `conveyor.events`.
 
-Status changes are also stored (job_events); token deltas travel only on the
-bus. The body is the contract's `JobEvent`, serialized protobuf, so the
-notifier forwards it to watchers without translating; the status changes of
-many jobs at once (a busy gateway's submissions) travel as one `JobEventBatch`
-per tenant and status, each event with its trace.
+Every event a watcher receives is built here, from a `Job` record or a stored
+history entry: status changes (live, as published by whoever made the change, or
+replayed from `job_events`), snapshots, token deltas and progress reports. A live
+change and its stored replay are built by the same function, so they are the same
+event.
+
+Status changes are also stored (job_events); token deltas travel only on the bus.
+The body is the contract's `JobEvent`, serialized protobuf, so the notifier
+forwards it to watchers without translating; the status changes of many jobs at
+once (a batch of submissions) travel as one `JobEventBatch` per tenant and status,
+each event with its trace.
 """
 
 from __future__ import annotations
@@ -12,44 +18,138 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any, cast
 
 import aio_pika
 from aio_pika.abc import AbstractExchange, DeliveryMode
-from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf.duration_pb2 import Duration
 
 from conveyor.bus.broker import event_routing_key
 from conveyor.contract.convert import job_error, job_to_proto
-from conveyor.core.lifecycle import JobState
+from conveyor.core.lifecycle import TERMINAL, Job, JobState
 from conveyor.core.telemetry import inject_headers
-from conveyor.v1 import events_pb2
+from conveyor.v1 import events_pb2, jobs_pb2
 
 EVENT_CONTENT_TYPE = "application/x-protobuf; messageType=conveyor.v1.JobEvent"
 BATCH_CONTENT_TYPE = "application/x-protobuf; messageType=conveyor.v1.JobEventBatch"
 
+CARRIES_ERROR = frozenset(
+    s.to_proto() for s in (JobState.SCHEDULED, JobState.FAILED, JobState.DEAD, JobState.CANCELLED)
+)
+"""Statuses whose change carries the error that caused it; on the others the job's
+error column is stale (left from an earlier attempt) and is not sent."""
+TERMINAL_PROTO = frozenset(s.to_proto() for s in TERMINAL)
+RUNNING = jobs_pb2.JOB_STATUS_RUNNING
 
-def _now() -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(time.time_ns())
-    return ts
+
+# --------------------------------------------------------------------------- status changes
 
 
-def status_event(row: Mapping[str, Any], previous: str | None) -> events_pb2.JobEvent:
-    """The event for the transition that left the job in `row`."""
-    status = JobState(row["status"])
-    change = events_pb2.StatusChanged(status=status.to_proto(), attempt=row["attempts"])
+def _status_change(
+    job: Job,
+    status: JobState,
+    previous: str | None,
+    attempt: int,
+    sequence: int,
+    at: datetime,
+    error: jobs_pb2.JobError | None,
+    *,
+    latest: bool,
+) -> events_pb2.JobEvent:
+    change = events_pb2.StatusChanged(status=status.to_proto(), attempt=attempt)
     if previous:
         change.previous = JobState(previous).to_proto()
-    err = job_error(row["error"])
-    if err is not None:
-        change.error.CopyFrom(err)
-    if status.terminal:
-        change.job.CopyFrom(job_to_proto(row))
+    if error is not None and change.status in CARRIES_ERROR:
+        change.error.CopyFrom(error)
+    if status.terminal and latest:  # the change that ends the job carries all of it
+        change.job.CopyFrom(job_to_proto(job))
     event = events_pb2.JobEvent(
-        job_id=str(row["id"]), sequence=row["seq"], tenant=row["tenant"], status_changed=change
+        job_id=str(job.id), sequence=sequence, tenant=job.tenant, status_changed=change
     )
-    event.time.FromDatetime(row["updated_at"])
+    event.time.FromDatetime(at)
     return event
+
+
+def status_event(job: Job, previous: str | None) -> events_pb2.JobEvent:
+    """The event for the transition (from `previous`) that left the job as `job` is."""
+    assert job.updated_at is not None
+    return _status_change(
+        job,
+        job.status,
+        previous,
+        job.attempts,
+        job.seq,
+        job.updated_at,
+        job_error(job.error),
+        latest=True,
+    )
+
+
+def history_event(entry: Mapping[str, Any], job: Job) -> events_pb2.JobEvent:
+    """A stored transition (a `job_events` row) as the event that announced it; the
+    latest one carries the job as `status_event` did."""
+    latest = entry["seq"] == job.seq
+    detail = entry["detail"] if isinstance(entry["detail"], Mapping) else None
+    error = job_error(detail) if detail and detail.get("code") else None
+    if error is None and latest:
+        error = job_error(job.error)
+    return _status_change(
+        job,
+        JobState(entry["status"]),
+        entry["previous"],
+        entry["attempt"],
+        entry["seq"],
+        entry["created_at"],
+        error,
+        latest=latest,
+    )
+
+
+def is_terminal(event: events_pb2.JobEvent) -> bool:
+    """Whether `event` is the status change that ends its job."""
+    return event.HasField("status_changed") and event.status_changed.status in TERMINAL_PROTO
+
+
+def event_kind(event: events_pb2.JobEvent) -> str:
+    """The `<status|delta>` part of the routing key."""
+    if event.HasField("token_delta"):
+        return "delta"
+    return JobState.from_proto(event.status_changed.status).value
+
+
+# --------------------------------------------------------------------------- snapshots, progress
+
+
+def snapshot_event(job: Job) -> events_pb2.JobEvent:
+    """The job as it is: the first event of a watch."""
+    assert job.updated_at is not None
+    event = events_pb2.JobEvent(
+        job_id=str(job.id), sequence=job.seq, tenant=job.tenant, snapshot=job_to_proto(job)
+    )
+    event.time.FromDatetime(job.updated_at)
+    return event
+
+
+def progress_event(
+    job_id: str, tenant: str, sequence: int, attempt: int, tokens: int, started_ns: int | None
+) -> events_pb2.JobEvent:
+    """A report that the attempt is running: its pieces so far and time since it started."""
+    now_ns = time.time_ns()
+    elapsed = Duration()
+    if started_ns is not None:
+        elapsed.FromNanoseconds(max(0, now_ns - started_ns))
+    event = events_pb2.JobEvent(
+        job_id=job_id,
+        sequence=sequence,
+        tenant=tenant,
+        progress=events_pb2.Progress(attempt=attempt, output_tokens=tokens, elapsed=elapsed),
+    )
+    event.time.FromNanoseconds(now_ns)
+    return event
+
+
+# --------------------------------------------------------------------------- token deltas
 
 
 Shape = tuple[int, int, bytes, bytes]
@@ -93,26 +193,6 @@ def delta_runs(shapes: Sequence[Shape], start: int, end: int) -> list[tuple[int,
     return runs
 
 
-def token_delta(
-    text: str,
-    attempt: int,
-    output_tokens: int,
-    kind: int = TEXT,
-    index: int = 0,
-    block: bytes = b"",
-    cited: bytes = b"",
-) -> events_pb2.TokenDelta:
-    return events_pb2.TokenDelta(
-        text=text,
-        attempt=attempt,
-        output_tokens=output_tokens,
-        kind=cast(events_pb2.DeltaKind.ValueType, kind),
-        index=index,
-        block_json=block,
-        citation_json=cited,
-    )
-
-
 def delta_event(
     job_id: str,
     tenant: str,
@@ -124,21 +204,30 @@ def delta_event(
     index: int = 0,
     block: bytes = b"",
     cited: bytes = b"",
+    at_ns: int | None = None,
 ) -> events_pb2.JobEvent:
-    return events_pb2.JobEvent(
+    """A token delta: pieces of the attempt's output, the last of them its
+    `output_tokens`-th, under `sequence` (the RUNNING event's plus output_tokens).
+    Stamped now, or at `at_ns` (a worker's answer replayed: one time for all of it)."""
+    event = events_pb2.JobEvent(
         job_id=job_id,
         sequence=sequence,
         tenant=tenant,
-        time=_now(),
-        token_delta=token_delta(text, attempt, output_tokens, kind, index, block, cited),
+        token_delta=events_pb2.TokenDelta(
+            text=text,
+            attempt=attempt,
+            output_tokens=output_tokens,
+            kind=cast(events_pb2.DeltaKind.ValueType, kind),
+            index=index,
+            block_json=block,
+            citation_json=cited,
+        ),
     )
+    event.time.FromNanoseconds(time.time_ns() if at_ns is None else at_ns)
+    return event
 
 
-def event_kind(event: events_pb2.JobEvent) -> str:
-    """The `<status|delta>` part of the routing key."""
-    if event.HasField("token_delta"):
-        return "delta"
-    return JobState.from_proto(event.status_changed.status).value
+# --------------------------------------------------------------------------- publishing
 
 
 class EventPublisher:
@@ -171,25 +260,23 @@ class EventPublisher:
             headers or {},
         )
 
-    async def publish_status(self, row: Mapping[str, Any], previous: str | None) -> None:
+    async def publish_status(self, job: Job, previous: str | None) -> None:
         """Publish a transition; it carries the trace context so the notifier's work joins the trace."""
-        await self.publish(status_event(row, previous), inject_headers())
+        await self.publish(status_event(job, previous), inject_headers())
 
-    async def publish_statuses(
-        self, rows: Sequence[Mapping[str, Any]], previous: str | None
-    ) -> None:
+    async def publish_statuses(self, jobs: Sequence[Job], previous: str | None) -> None:
         """Publish the transitions of many jobs (each from `previous`): one message per
         tenant and status, each event carrying its job's stored trace context."""
-        groups: dict[tuple[str, str], list[Mapping[str, Any]]] = defaultdict(list)
-        for row in rows:
-            groups[(row["tenant"], row["status"])].append(row)
+        groups: dict[tuple[str, str], list[Job]] = defaultdict(list)
+        for job in jobs:
+            groups[(job.tenant, job.status.value)].append(job)
         for (tenant, status), group in groups.items():
             batch = events_pb2.JobEventBatch(
                 entries=[
                     events_pb2.JobEventBatch.Entry(
-                        event=status_event(row, previous), traceparent=row["traceparent"] or ""
+                        event=status_event(job, previous), traceparent=job.traceparent or ""
                     )
-                    for row in group
+                    for job in group
                 ]
             )
             await self._send(

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -33,6 +33,7 @@ from conveyor.bus.broker import (
     job_routing_key,
     publish_job,
 )
+from conveyor.core.lifecycle import Job
 from conveyor.core.telemetry import exporting, inject_headers, traceparent_context, tracer
 from conveyor.db.jobs import mark_published
 from conveyor.db.tenants import ensure_tenant
@@ -133,7 +134,7 @@ class JobQueue:
         self._to_stamp: list[Any] = []
         self._stamping: asyncio.Task[None] | None = None
 
-    def _span(self, row: Mapping[str, Any]) -> AbstractContextManager[Span | None]:
+    def _span(self, job: Job) -> AbstractContextManager[Span | None]:
         """The job's PRODUCER span, a child of its submit (a republish after a retry,
         recovery or the outbox joins that trace too). Only when spans are exported:
         otherwise the stored traceparent travels as it is, which keeps the job's trace
@@ -142,37 +143,37 @@ class JobQueue:
             return contextlib.nullcontext()
         return tracer().start_as_current_span(
             f"{JOBS_EXCHANGE} publish",
-            context=traceparent_context(row.get("traceparent")),
+            context=traceparent_context(job.traceparent),
             kind=SpanKind.PRODUCER,
             attributes={
                 "messaging.system": "rabbitmq",
                 "messaging.operation.type": "publish",
                 "messaging.destination.name": JOBS_EXCHANGE,
-                "messaging.rabbitmq.destination.routing_key": row["lane"],
-                "conveyor.job.id": str(row["id"]),
+                "messaging.rabbitmq.destination.routing_key": job.lane,
+                "conveyor.job.id": str(job.id),
             },
         )
 
-    async def _publish(self, row: Mapping[str, Any], queues_ready: bool) -> bool:
-        with self._span(row) as span:
+    async def _publish(self, job: Job, queues_ready: bool) -> bool:
+        with self._span(job) as span:
             if span is not None:
                 headers: dict[str, Any] = inject_headers()
             else:
-                traceparent = row.get("traceparent")
+                traceparent = job.traceparent
                 headers = {"traceparent": traceparent} if traceparent else {}
             headers[PUBLISHED_AT_HEADER] = time.time_ns()
-            tenant = row["tenant"]
+            tenant = job.tenant
             try:
                 if not queues_ready:
                     raise ConnectionError(f"the lane queues of tenant {tenant} are not declared")
                 await publish_job(
                     self.exchange,
-                    JobMessage(job_id=row["id"], tenant=tenant),
-                    lane=row["lane"],
-                    priority=row["priority"],
+                    JobMessage(job_id=job.id, tenant=tenant),
+                    lane=job.lane,
+                    priority=job.priority,
                     headers=headers,
                     routing_key=job_routing_key(
-                        row["lane"], tenant if self.tenants is not None else None
+                        job.lane, tenant if self.tenants is not None else None
                     ),
                     timeout_s=self.timeout_s,
                 )
@@ -182,7 +183,7 @@ class JobQueue:
                     span.set_status(StatusCode.ERROR, repr(exc))
                 log.warning(
                     "publish failed; left to the outbox",
-                    extra={"job_id": str(row["id"]), "error": repr(exc)},
+                    extra={"job_id": str(job.id), "error": repr(exc)},
                 )
                 return False
 
@@ -202,27 +203,27 @@ class JobQueue:
                 )
         return ready
 
-    async def enqueue(self, rows: Sequence[Mapping[str, Any]]) -> int:
+    async def enqueue(self, jobs: Sequence[Job]) -> int:
         """Publish pending jobs; those the broker confirmed are stamped shortly after.
 
         Returns how many were confirmed. The stamps of concurrent calls share one
         UPDATE: until it lands the outbox may publish a job twice, which the
         worker's conditional claim makes harmless.
         """
-        if not rows:
+        if not jobs:
             return 0
         if self.batch_lanes:
-            held = [r["id"] for r in rows if r["lane"] in self.batch_lanes]
+            held = [j.id for j in jobs if j.lane in self.batch_lanes]
             if held:
                 self._to_stamp.extend(held)
                 if self._stamping is None or self._stamping.done():
                     self._stamping = asyncio.create_task(self._stamp())
-                rows = [r for r in rows if r["lane"] not in self.batch_lanes]
-                if not rows:
+                jobs = [j for j in jobs if j.lane not in self.batch_lanes]
+                if not jobs:
                     return len(held)
-        ready = await self._ready_tenants({r["tenant"] for r in rows})
-        results = await asyncio.gather(*(self._publish(r, r["tenant"] in ready) for r in rows))
-        confirmed = [r["id"] for r, ok in zip(rows, results, strict=True) if ok]
+        ready = await self._ready_tenants({j.tenant for j in jobs})
+        results = await asyncio.gather(*(self._publish(j, j.tenant in ready) for j in jobs))
+        confirmed = [j.id for j, ok in zip(jobs, results, strict=True) if ok]
         if confirmed:
             self._to_stamp.extend(confirmed)
             if self._stamping is None or self._stamping.done():

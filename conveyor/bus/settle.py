@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -69,7 +70,7 @@ OnError = Callable[[AbstractIncomingMessage, Exception], Outcome]
 
 def consumer(
     handler: Handler, on_error: OnError
-) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+) -> Callable[[AbstractIncomingMessage], Coroutine[Any, Any, None]]:
     """The callback for `queue.consume`: run `handler`, then settle the message as it
     says; an exception is settled as `on_error` says (it logs what it needs to)."""
 

@@ -18,12 +18,13 @@ from rich.console import Console, RenderableType
 from rich.table import Table
 
 from conveyor.client import job_status_name
+from conveyor.core.lifecycle import JobState
 from conveyor.v1 import jobs_pb2
 
 PIPE_WIDTH = 10_000
 """Console width when not on a terminal: a table is never wrapped or cut for a pipe."""
 
-STATUS_ORDER = ("pending", "scheduled", "running", "succeeded", "failed", "cancelled", "dead")
+STATUS_ORDER = tuple(state.value for state in JobState)
 STATUS_STYLE = {
     "pending": "cyan",
     "scheduled": "blue",

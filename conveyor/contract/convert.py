@@ -1,4 +1,5 @@
-"""Conversions between stored job rows and the contract's messages."""
+"""Conversions between stored jobs (conveyor.core.lifecycle.Job) and the contract's
+messages, and the checks of the contract's values that go with them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from conveyor.core.errors import InvalidArgument
-from conveyor.core.lifecycle import JobState
+from conveyor.core.lifecycle import Job
 from conveyor.v1 import jobs_pb2
 
 
@@ -91,15 +92,15 @@ def job_error(error: Mapping[str, Any] | None) -> jobs_pb2.JobError | None:
     )
 
 
-def _usage(row: Mapping[str, Any], result: Mapping[str, Any] | None, full: bool) -> jobs_pb2.Usage:
+def _usage(job: Job, full: bool) -> jobs_pb2.Usage:
     """The token columns, plus what the provider's whole usage object says."""
     usage = jobs_pb2.Usage(
-        input_tokens=row["input_tokens"] or 0,
-        output_tokens=row["output_tokens"] or 0,
-        cache_creation_input_tokens=row["cache_creation_input_tokens"] or 0,
-        cache_read_input_tokens=row["cache_read_input_tokens"] or 0,
+        input_tokens=job.input_tokens or 0,
+        output_tokens=job.output_tokens or 0,
+        cache_creation_input_tokens=job.cache_creation_input_tokens or 0,
+        cache_read_input_tokens=job.cache_read_input_tokens or 0,
     )
-    reported = (result or {}).get("usage")
+    reported = (job.result or {}).get("usage")
     if not isinstance(reported, dict):
         return usage
     cache = reported.get("cache_creation")
@@ -116,72 +117,63 @@ def _usage(row: Mapping[str, Any], result: Mapping[str, Any] | None, full: bool)
     return usage
 
 
-def request_body(row: Mapping[str, Any]) -> dict[str, Any]:
+def request_body(job: Job) -> dict[str, Any]:
     """The whole Messages API body of a job (the row keeps `model` in its own column)."""
-    return {"model": row["model"], **(row["request"] or {})}
+    return {"model": job.model, **(job.request or {})}
 
 
-def job_to_proto(
-    row: Mapping[str, Any], *, content: bool = True, request: bool = False
-) -> jobs_pb2.Job:
-    """The contract's Job for a row of the jobs table.
+def _webhook_events(job: Job) -> jobs_pb2.WebhookEvents.ValueType:
+    if not job.webhook_url:
+        return jobs_pb2.WEBHOOK_EVENTS_UNSPECIFIED
+    return (
+        jobs_pb2.WEBHOOK_EVENTS_ALL if job.webhook_all_events else jobs_pb2.WEBHOOK_EVENTS_TERMINAL
+    )
+
+
+def job_to_proto(job: Job, *, content: bool = True, request: bool = False) -> jobs_pb2.Job:
+    """The contract's Job for a stored job.
 
     `content`: with the final message's content blocks (and the whole usage object);
     `request`: with the request body. GetJob sets both (the FULL view), ListJobs's
     BASIC view neither, watch events `content` only.
     """
-    job = jobs_pb2.Job(
-        id=str(row["id"]),
-        tenant=row["tenant"],
-        status=JobState(row["status"]).to_proto(),
-        model=row["model"],
-        lane=row["lane"],
-        priority=row["priority"],
-        labels=row["labels"] or {},
-        idempotency_key=row["idempotency_key"] or "",
-        attempts=row["attempts"],
-        max_attempts=row["max_attempts"],
-        result_text=row["result_text"] or "",
-        stop_reason=row["stop_reason"] or "",
-        dead_reason=row["dead_reason"] or "",
-        webhook_url=row["webhook_url"] or "",
-        webhook_events=(
-            (
-                jobs_pb2.WEBHOOK_EVENTS_ALL
-                if row.get("webhook_all_events")
-                else jobs_pb2.WEBHOOK_EVENTS_TERMINAL
-            )
-            if row["webhook_url"]
-            else jobs_pb2.WEBHOOK_EVENTS_UNSPECIFIED
-        ),
-        trace_id=row["trace_id"] or "",
-        sequence=row["seq"],
+    out = jobs_pb2.Job(
+        id=str(job.id),
+        tenant=job.tenant,
+        status=job.status.to_proto(),
+        model=job.model,
+        lane=job.lane,
+        priority=job.priority,
+        labels=job.labels or {},
+        idempotency_key=job.idempotency_key or "",
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        result_text=job.result_text or "",
+        stop_reason=job.stop_reason or "",
+        dead_reason=job.dead_reason or "",
+        webhook_url=job.webhook_url or "",
+        webhook_events=_webhook_events(job),
+        trace_id=job.trace_id or "",
+        sequence=job.seq,
     )
-    if (cost := row.get("cost_micros")) is not None:  # NULL: unfinished or unpriced
-        job.cost_micros, job.priced = cost, True
-    result = row.get("result")
-    if row["input_tokens"] is not None or row["output_tokens"] is not None:
-        job.usage.CopyFrom(_usage(row, result, content))
+    if job.cost_micros is not None:  # NULL: unfinished or unpriced
+        out.cost_micros, out.priced = job.cost_micros, True
+    result = job.result
+    if job.input_tokens is not None or job.output_tokens is not None:
+        out.usage.CopyFrom(_usage(job, content))
     if isinstance(result, dict):
-        job.stop_sequence = result.get("stop_sequence") or ""
-        job.response_id = result.get("id") or ""
-        job.response_model = result.get("model") or ""
+        out.stop_sequence = result.get("stop_sequence") or ""
+        out.response_id = result.get("id") or ""
+        out.response_model = result.get("model") or ""
         if content and result.get("content") is not None:
-            job.content_json = orjson.dumps(result["content"])
-    if request and row.get("request") is not None:
-        job.request_json = orjson.dumps(request_body(row))
-    err = job_error(row["error"])
+            out.content_json = orjson.dumps(result["content"])
+    if request and job.request is not None:
+        out.request_json = orjson.dumps(request_body(job))
+    err = job_error(job.error)
     if err is not None:
-        job.error.CopyFrom(err)
-    for name in (
-        "created_at",
-        "updated_at",
-        "run_at",
-        "started_at",
-        "finished_at",
-        "cancel_requested_at",
-    ):
-        value = row[name]
+        out.error.CopyFrom(err)
+    for name in Job.TIMESTAMPS:
+        value = getattr(job, name)
         if value is not None:
-            getattr(job, name).CopyFrom(timestamp(value))
-    return job
+            getattr(out, name).CopyFrom(timestamp(value))
+    return out

@@ -6,15 +6,21 @@ Every service and the SQL (conveyor/db) take their states and rules from here.
 
 from __future__ import annotations
 
+import logging
 import random
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import date, datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from conveyor.v1 import jobs_pb2
+
+if TYPE_CHECKING:
+    from conveyor.core.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 class JobState(StrEnum):
@@ -43,13 +49,154 @@ class JobState(StrEnum):
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.DEAD})
 """States a job never leaves (except through RetryJob for failed and dead)."""
 
-CLAIMABLE = (JobState.PENDING,)
+LIVE = tuple(s for s in JobState if s not in TERMINAL)
+"""States a job can still leave by itself: pending, scheduled, running."""
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One row of the transition table: who moves a job from which states to which,
+    and when. `from_states` empty: a new job."""
+
+    name: str
+    from_states: tuple[JobState, ...]
+    to: tuple[JobState, ...]
+    actor: str
+    condition: str
+
+
+_P, _S, _R = JobState.PENDING, JobState.SCHEDULED, JobState.RUNNING
+_OK, _FAIL, _X, _DEAD = JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.DEAD
+
+TRANSITIONS = (
+    Transition(
+        "submit",
+        (),
+        (_P, _S),
+        "gateway",
+        "SubmitJob; `scheduled` when `delay` or `run_at` lies in the future",
+    ),
+    Transition(
+        "release", (_S,), (_P,), "dispatcher", "`run_at` reached; the job is then published"
+    ),
+    Transition(
+        "claim",
+        (_P,),
+        (_R,),
+        "worker",
+        "claim: attempts + 1, new lease; skipped if a cancel was requested; not made while"
+        " the tenant runs its `max_running` (the message goes back to the queue, no attempt"
+        " used)",
+    ),
+    Transition(
+        "succeed",
+        (_R,),
+        (_OK,),
+        "worker",
+        "the model answered; result, stop reason and usage are stored",
+    ),
+    Transition(
+        "fail",
+        (_R,),
+        (_FAIL,),
+        "worker",
+        "permanent error: 400, 401, 403, 404 and any other non-transient status",
+    ),
+    Transition(
+        "retry",
+        (_R,),
+        (_S,),
+        "worker",
+        "transient error with attempts left (408, 409, 429, 5xx, 529, transient SSE `error`"
+        " events, timeouts, connection errors, dropped streams); `run_at` = now + backoff",
+    ),
+    Transition(
+        "exhaust",
+        (_R,),
+        (_DEAD,),
+        "worker",
+        "transient error on the last attempt; the message is acked (the row holds the reason"
+        " and last error), so a RetryJob right after cannot be undone by a late dead letter",
+    ),
+    Transition(
+        "recover",
+        (_R,),
+        (_P, _DEAD),
+        "dispatcher",
+        "no heartbeat within `CONVEYOR_LEASE_S`: requeued, or `dead` if it was the last attempt",
+    ),
+    Transition(
+        "hand_back",
+        (_R,),
+        (_P,),
+        "worker",
+        "SIGTERM and the call did not finish within the grace period: the job is handed back"
+        " and the attempt is not counted",
+    ),
+    Transition(
+        "dead_letter",
+        LIVE,
+        (_DEAD,),
+        "dispatcher",
+        "its message reached `conveyor.dead`, for example when a worker hit an unexpected error",
+    ),
+    Transition("cancel", (_P, _S), (_X,), "gateway", "CancelJob"),
+    Transition(
+        "cancel_running",
+        (_R,),
+        (_X,),
+        "worker",
+        "CancelJob flags the row and sends `control.cancel.<tenant>` on `conveyor.events`;"
+        " the worker aborts the stream and keeps the partial text",
+    ),
+    Transition(
+        "cancel_delivered",
+        (_P,),
+        (_X,),
+        "worker",
+        "a delivered job whose cancel was requested while it ran and whose attempt then ended"
+        " without its worker (handed back or recovered): cancelled instead of claimed",
+    ),
+    Transition(
+        "replay",
+        (_FAIL, _DEAD),
+        (_P,),
+        "gateway",
+        "RetryJob: `CONVEYOR_DEFAULT_MAX_ATTEMPTS` more attempts; history is kept",
+    ),
+)
+"""The transition table (README.md, "Job states", says the same, row for row; a unit
+test holds the two together). Each conditional UPDATE in conveyor/db takes its
+from-states from here."""
+
+_BY_NAME = {t.name: t for t in TRANSITIONS}
+
+
+def transition(name: str) -> Transition:
+    """The table's transition called `name` (KeyError for none)."""
+    return _BY_NAME[name]
+
+
+def sources(to: JobState, actor: str | None = None) -> tuple[JobState, ...]:
+    """The states a job can move to `to` from (by `actor`, or by anyone), in state order."""
+    found = {
+        s for t in TRANSITIONS if to in t.to and actor in (None, t.actor) for s in t.from_states
+    }
+    return tuple(s for s in JobState if s in found)
+
+
+CLAIMABLE = transition("claim").from_states
 """States a worker may move to running."""
 
-CANCELLABLE = (JobState.PENDING, JobState.SCHEDULED, JobState.RUNNING)
-"""States CancelJob acts on; the rest answer FAILED_PRECONDITION."""
+QUEUED = transition("cancel").from_states
+"""States a job waits in for a worker (pending, scheduled): CancelJob cancels it at once,
+and its priority can still change."""
 
-RETRYABLE = (JobState.FAILED, JobState.DEAD)
+CANCELLABLE = sources(JobState.CANCELLED)
+"""States CancelJob acts on (queued ones at once, a running one through its worker);
+the rest answer FAILED_PRECONDITION."""
+
+RETRYABLE = transition("replay").from_states
 """States RetryJob replays."""
 
 _TO_PROTO: dict[JobState, jobs_pb2.JobStatus.ValueType] = {
@@ -161,3 +308,57 @@ class Job:
 
 
 _JOB_FIELDS = tuple(f.name for f in fields(Job))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an attempt produced, written by the worker under its lease
+    (conveyor.db.transitions.finish)."""
+
+    status: JobState
+    result_text: str | None = None
+    stop_reason: str | None = None
+    usage: Mapping[str, int] | None = None
+    result: Mapping[str, Any] | None = None
+    """The final message but its text: id, model, content blocks, stop_sequence, usage."""
+    error: Mapping[str, Any] | None = None
+    dead_reason: str | None = None
+    retry_in_s: float | None = None
+    """For a retry: the wait, counted from the moment this outcome is written."""
+    cost_micros: int | None = None
+    """What this attempt cost (conveyor.core.pricing.cost_micros: 0 without usage); None:
+    the model is unpriced. Attempts' costs add up on the job."""
+
+
+class AttemptError(Protocol):
+    """What the failure rule needs to know of a failed attempt's error
+    (conveyor.llm.provider.ProviderError)."""
+
+    @property
+    def retryable(self) -> bool: ...
+
+    @property
+    def retry_after_s(self) -> float | None: ...
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+def failure_outcome(job: Job, error: AttemptError, settings: Settings) -> Outcome:
+    """The outcome of a failed attempt of `job` (as claimed): failed when permanent,
+    dead when its attempts are exhausted, else scheduled after `backoff_s`. The worker
+    and the batch lane (services/dispatcher/batcher.py) both decide with it."""
+    attempt, max_attempts = job.attempts, job.max_attempts
+    extra = {"job_id": str(job.id), "attempt": attempt, "error": str(error)}
+    if not error.retryable:
+        log.info("permanent failure", extra=extra)
+        return Outcome(status=JobState.FAILED, error=error.as_dict())
+    if attempt >= max_attempts:
+        log.info("attempts exhausted", extra=extra)
+        return Outcome(
+            status=JobState.DEAD,
+            error=error.as_dict(),
+            dead_reason=f"attempts exhausted ({attempt} of {max_attempts})",
+        )
+    delay = backoff_s(attempt, settings.retry_base_s, settings.retry_cap_s, error.retry_after_s)
+    log.info("transient failure; retry scheduled", extra={**extra, "retry_in_s": round(delay, 3)})
+    return Outcome(status=JobState.SCHEDULED, error=error.as_dict(), retry_in_s=delay)

@@ -17,12 +17,13 @@ and its entries are looked up before the defaults. A model found nowhere is
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar, Protocol, TypeVar
 
 MILLION = 1_000_000
 
@@ -219,6 +220,31 @@ def cost_micros(
     price); None when the model is unpriced."""
     price = (table or default_table()).price_of(model)
     return None if price is None else usage_micros(price, usage, batch=batch)
+
+
+class _Priced(Protocol):
+    """An attempt's outcome (conveyor.db.jobs.Outcome): a dataclass with these fields."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def result(self) -> Mapping[str, Any] | None: ...
+    @property
+    def usage(self) -> Mapping[str, int] | None: ...
+    @property
+    def cost_micros(self) -> int | None: ...
+
+
+P = TypeVar("P", bound=_Priced)
+
+
+def with_cost(outcome: P, model: str, *, batch: bool = False) -> P:
+    """The outcome with its attempt's cost, from the whole usage the provider reported
+    (`result.usage`, where the cache writes' TTL split is), else its `usage`: 0 without
+    usage, None for an unpriced model. For the worker and the batch lane."""
+    full = (outcome.result or {}).get("usage")
+    usage = full if isinstance(full, Mapping) else (outcome.usage or {})
+    return dataclasses.replace(outcome, cost_micros=cost_micros(model, usage, batch=batch))
 
 
 def worst_case_micros(

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.core.config import get_settings
-from conveyor.db import operations as operations_db
+from conveyor.db import retention as retention_db
 from conveyor.db import tenants as db
 from conveyor.db.engine import create_engine
 from conveyor.server.auth import PREFIX_CHARS, generate_key, hash_key
@@ -128,7 +128,7 @@ async def set_tenant(
         changes["max_running"] = max_running
     row = await db.set_tenant_limits(engine, tenant, **changes)
     if retention_days is not UNCHANGED:
-        row = await operations_db.set_retention(engine, tenant, retention_days)
+        row = await retention_db.set_retention(engine, tenant, retention_days)
     return row
 
 

@@ -21,8 +21,10 @@ import asyncpg
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from conveyor.core.lifecycle import Job
 from conveyor.db.engine import driver_connection, fetch
 from conveyor.db.jobs import utcnow
+from conveyor.db.transitions import leaving
 
 Row = Mapping[str, Any]
 
@@ -171,7 +173,7 @@ async def locked(
         yield conn, row
 
 
-async def batch_jobs(conn: asyncpg.Connection, batch_id: uuid.UUID) -> list[Row]:
+async def batch_jobs(conn: asyncpg.Connection, batch_id: uuid.UUID) -> list[Job]:
     """The jobs of a batch, in the order they were linked."""
     rows = await conn.fetch(
         """
@@ -182,7 +184,7 @@ async def batch_jobs(conn: asyncpg.Connection, batch_id: uuid.UUID) -> list[Row]
         """,
         batch_id,
     )
-    return [dict(r) for r in rows]
+    return [Job.from_row(dict(r)) for r in rows]
 
 
 async def registered_provider_ids(conn: asyncpg.Connection, ids: Sequence[str]) -> set[str]:
@@ -194,13 +196,16 @@ async def registered_provider_ids(conn: asyncpg.Connection, ids: Sequence[str]) 
     return {r["provider_batch_id"] for r in rows}
 
 
-_CLAIM = """
+_CLAIM = (
+    """
 WITH moved AS (
   UPDATE jobs j
      SET status = 'running', attempts = attempts + 1, lease_id = $1, heartbeat_at = $2,
          started_at = $3, updated_at = $3, seq = seq + 1, error = NULL
     FROM batch_jobs bj
-   WHERE bj.batch_id = $1 AND j.id = bj.job_id AND j.status = 'pending'
+   WHERE bj.batch_id = $1 AND j.id = bj.job_id AND j."""
+    + leaving("claim")
+    + """
      AND j.cancel_requested_at IS NULL
   RETURNING j.*
 ), ev AS (
@@ -212,6 +217,7 @@ WITH moved AS (
 )
 SELECT * FROM moved
 """
+)
 
 
 async def mark_created(
@@ -221,7 +227,7 @@ async def mark_created(
     expires_at: datetime,
     first_poll_s: float,
     hold_s: float,
-) -> list[Row]:
+) -> list[Job]:
     """The API accepted the batch: note it and move its pending jobs to running, with
     the batch's id as their lease and a heartbeat `hold_s` past its expiry (so the
     stalled-job sweeper leaves them to the batcher). Returns the moved job rows."""
@@ -249,7 +255,7 @@ async def mark_created(
         detail,
         f"batch:{provider_batch_id}",
     )
-    return [dict(r) for r in rows]
+    return [Job.from_row(dict(r)) for r in rows]
 
 
 async def end_empty(conn: asyncpg.Connection, batch_id: uuid.UUID) -> None:

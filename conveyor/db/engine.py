@@ -1,9 +1,11 @@
-"""The async SQLAlchemy engine (asyncpg driver), database creation and migrations."""
+"""The async SQLAlchemy engine (asyncpg driver), which database errors are worth a retry
+and the one retry loop for them (`retry_transient`), database creation and migrations."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ from conveyor.core.telemetry import exporting, tracer
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 def asyncpg_url(url: str) -> str:
@@ -90,6 +94,35 @@ def is_transient(exc: BaseException) -> bool:
     return is_disconnect(exc) or is_timeout(exc)
 
 
+async def retry_transient(
+    op: Callable[[], Awaitable[T]],
+    *,
+    message: str = "database unavailable; retrying",
+    first_s: float = 0.1,
+    max_s: float = 5.0,
+    stopping: Callable[[], bool] | None = None,
+) -> T:
+    """Run `op`, trying again while the database is unreachable or its statements time
+    out (`is_transient`); any other error is raised.
+
+    Each failure is logged as `message`; the pause between tries doubles from `first_s`
+    up to `max_s`. Once `stopping()` is true a failure raises ConnectionError instead:
+    a process going away does not wait for the database to come back.
+    """
+    delay = first_s
+    while True:
+        try:
+            return await op()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning(message, extra={"error": repr(exc)})
+        if stopping is not None and stopping():
+            raise ConnectionError("database unavailable while stopping")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_s)
+
+
 def is_disconnect(exc: BaseException) -> bool:
     """Whether a database error means the connection (or the server) went away, so
     that the connection is unusable and the statement worth running on another."""
@@ -138,8 +171,8 @@ async def fetch(engine: AsyncEngine, sql: str, args: Sequence[Any]) -> list[Mapp
     """Run one statement with positional parameters ($1 …); its rows.
 
     For the statements on every job's path (insert, claim, finish): SQLAlchemy's
-    Connection around a statement cost about 150 µs of CPU more than asyncpg's own
-    work, and twice that in a process that had been idle. SQLAlchemy's
+    Connection around a statement costs noticeably more CPU than asyncpg's own
+    work, more still in a process that had been idle. SQLAlchemy's
     instrumentation does not see these statements, so when spans are exported each
     gets a CLIENT span here, with the attributes that instrumentation gives its own
     (opentelemetry-instrumentation-asyncpg would pin older OpenTelemetry packages

@@ -27,7 +27,8 @@ from cronsim import CronSim, CronSimError
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from conveyor.db.jobs import NewJob, _values, new_row
+from conveyor.core.lifecycle import Job
+from conveyor.db.jobs import NewJob, as_stored, values
 from conveyor.db.schema import job_events, jobs, schedule_fires, schedules
 
 Row = Mapping[str, Any]
@@ -274,7 +275,7 @@ found a little late has a few; more means the dispatcher is far behind)."""
 class Fired:
     schedule_id: uuid.UUID
     fire_at: datetime
-    job: Row
+    job: Job
     late: bool
 
 
@@ -346,7 +347,7 @@ async def fire_due(
 
 async def _fire_one(
     conn: AsyncConnection, schedule: Row, fire_at: datetime, late: bool, job: NewJob, now: datetime
-) -> Row | None:
+) -> Job | None:
     """Insert an occurrence's row and its job; None if the occurrence was fired before."""
     claimed = await conn.execute(
         insert(schedule_fires)
@@ -358,13 +359,13 @@ async def _fire_one(
     )
     if claimed.first() is None:
         return None
-    values = _values(job, now)
-    await conn.execute(sa.insert(jobs).values(**values))
+    row = values(job, now)
+    await conn.execute(sa.insert(jobs).values(**row))
     await conn.execute(
         sa.insert(job_events).values(
             job_id=job.id,
             seq=1,
-            status=values["status"],
+            status=row["status"],
             previous=None,
             attempt=0,
             detail={"schedule_id": str(schedule["id"]), "fire_time": fire_at.isoformat()},
@@ -372,4 +373,4 @@ async def _fire_one(
             actor=schedule["created_by"],
         )
     )
-    return new_row(job, now)
+    return as_stored(job, now)

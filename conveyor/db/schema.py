@@ -5,9 +5,11 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 
+from conveyor.core.lifecycle import JobState
+
 metadata = sa.MetaData()
 
-STATUS_VALUES = ("pending", "scheduled", "running", "succeeded", "failed", "cancelled", "dead")
+STATUS_VALUES = tuple(state.value for state in JobState)
 
 jobs = sa.Table(
     "jobs",
@@ -64,10 +66,7 @@ jobs = sa.Table(
     # cost), and the UTC day it counts in; NULL: no budget at submit (migration 0009).
     sa.Column("budget_micros", sa.BigInteger),
     sa.Column("budget_day", sa.Date),
-    sa.CheckConstraint(
-        "status IN ('pending','scheduled','running','succeeded','failed','cancelled','dead')",
-        name="jobs_status_valid",
-    ),
+    sa.CheckConstraint(sa.column("status").in_(STATUS_VALUES), name="jobs_status_valid"),
     sa.UniqueConstraint("tenant", "idempotency_key", name="jobs_tenant_idempotency_key"),
 )
 sa.Index("jobs_tenant_created", jobs.c.tenant, jobs.c.created_at.desc(), jobs.c.id.desc())

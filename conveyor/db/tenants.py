@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from conveyor.db.jobs import Stats
-from conveyor.db.schema import api_keys, tenants, webhook_secrets
+from conveyor.core.lifecycle import JobState
+from conveyor.db.schema import api_keys, jobs, tenants, webhook_secrets
 
 Row = Mapping[str, Any]
 
@@ -136,8 +136,9 @@ async def set_tenant_limits(
             values["max_running"] = max_running
             running = (
                 await conn.execute(
-                    sa.text("SELECT count(*) FROM jobs WHERE tenant = :t AND status = 'running'"),
-                    {"t": tenant},
+                    sa.select(sa.func.count()).where(
+                        jobs.c.tenant == tenant, jobs.c.status == JobState.RUNNING.value
+                    )
                 )
             ).scalar_one()
             values["running"] = int(running)
@@ -332,69 +333,3 @@ async def signing_secrets(conn: AsyncConnection, tenant: str) -> list[Row]:
         .order_by(ws.c.created_at.desc())
     )
     return [dict(r) for r in (await conn.execute(stmt)).mappings()]
-
-
-@dataclass(frozen=True)
-class TenantSummary:
-    """One tenant's job counts per status and token totals (for admins' GetStats)."""
-
-    counts: dict[str, int]
-    tokens: dict[str, int]
-
-
-TOKEN_KEYS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_creation_input_tokens",
-    "cache_read_input_tokens",
-)
-
-
-async def stats_all(conn: AsyncConnection) -> tuple[Stats, dict[str, TenantSummary]]:
-    """Statistics over every tenant, and each tenant's summary (from the counters)."""
-    rows = await conn.execute(
-        sa.text(
-            """
-            SELECT tenant, lane, status, sum(jobs) AS n, sum(input_tokens) AS input_tokens,
-                   sum(output_tokens) AS output_tokens,
-                   sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
-                   sum(cache_read_input_tokens) AS cache_read_input_tokens
-              FROM job_counts GROUP BY tenant, lane, status
-            """
-        )
-    )
-    counts: dict[tuple[str, str], int] = {}
-    tokens = dict.fromkeys(TOKEN_KEYS, 0)
-    per_tenant: dict[str, TenantSummary] = {}
-    for row in rows.mappings():
-        summary = per_tenant.setdefault(
-            row["tenant"], TenantSummary(counts={}, tokens=dict.fromkeys(TOKEN_KEYS, 0))
-        )
-        n = int(row["n"] or 0)
-        if n:
-            key = (row["lane"], row["status"])
-            counts[key] = counts.get(key, 0) + n
-            summary.counts[row["status"]] = summary.counts.get(row["status"], 0) + n
-        for k in TOKEN_KEYS:
-            tokens[k] += int(row[k] or 0)
-            summary.tokens[k] += int(row[k] or 0)
-    perf = (
-        await conn.execute(
-            sa.text(
-                """
-                SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50,
-                       percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95
-                  FROM (SELECT extract(epoch FROM finished_at - started_at) AS d
-                          FROM jobs WHERE status = 'succeeded'
-                         ORDER BY finished_at DESC LIMIT 1000) recent
-                """
-            )
-        )
-    ).one()
-    stats = Stats(
-        counts=counts,
-        tokens=tokens,
-        run_time_p50_s=None if perf.p50 is None else float(perf.p50),
-        run_time_p95_s=None if perf.p95 is None else float(perf.p95),
-    )
-    return stats, per_tenant

@@ -40,9 +40,8 @@ async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, b
     What the SDK's SSEDecoder yields (the `event` and `data` fields; comments and
     other fields skipped; several data lines joined by newlines; CRLF or CR line
     ends; an event cut off by the end of the stream dropped), found by splitting
-    each chunk on blank lines in C instead of decoding it line by line in Python:
-    17 times cheaper (4.3 against 0.25 µs per event), and an answer streams an
-    event per token.
+    each chunk on blank lines in C instead of decoding it line by line in Python, which
+    matters because an answer streams an event per token.
     """
     buffer = b""
     async for chunk in chunks:
@@ -339,13 +338,26 @@ def check_provider(settings: Settings) -> str:
     return key.get_secret_value()
 
 
+SIMULATOR_HEADER_PREFIX = "x-sim-"
+"""Labels with this prefix become HTTP headers when the provider is the simulator
+(CONVEYOR_PROVIDER=simulator), so a test can make one particular job fail; with
+the real API a tenant's labels never become request headers."""
+
+
+def simulator_headers(labels: Mapping[str, str] | None, attempt: int) -> dict[str, str]:
+    """The request headers for the simulator: the job's `x-sim-*` labels and its attempt."""
+    headers = {k: v for k, v in (labels or {}).items() if k.startswith(SIMULATOR_HEADER_PREFIX)}
+    headers["x-sim-attempt"] = str(attempt)
+    return headers
+
+
 @dataclass
 class Provider:
     """A shared anthropic client sized for the worker's concurrency.
 
-    It uses the SDK's aiohttp transport and reads the raw stream events itself:
-    at a thousand concurrent streams the httpx transport's connection pool and the
-    SDK's message snapshots cost several CPU milliseconds per call.
+    It uses the SDK's aiohttp transport and reads the raw stream events itself: with
+    many concurrent streams, the httpx transport's connection pool and the SDK's
+    message snapshots cost much CPU per call.
     """
 
     settings: Settings
@@ -385,9 +397,9 @@ class Provider:
         before the first token.
 
         The SDK makes the request and raises for an error status; the events are read
-        from the answer's bytes (`sse_events`) and decoded with orjson here. The SDK's
-        typed events (a pydantic model each) cost about 40 µs per event, more than
-        the rest of the call, and a real answer streams hundreds.
+        from the answer's bytes (`sse_events`) and decoded with orjson here: the SDK's
+        typed events (a pydantic model each) cost more CPU than the rest of the call,
+        and a real answer streams hundreds of events.
         """
         params, extra_body = create_arguments(body)
         built = MessageBuilder(on_delta)

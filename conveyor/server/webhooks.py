@@ -46,6 +46,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from standardwebhooks import Webhook
 
+from conveyor.core.lifecycle import Job
+
 ID_HEADER = "webhook-id"
 TIMESTAMP_HEADER = "webhook-timestamp"
 SIGNATURE_HEADER = "webhook-signature"
@@ -185,16 +187,6 @@ def verify_signature(
 # --------------------------------------------------------------------------- body
 
 
-_TIMESTAMPS = (
-    "created_at",
-    "updated_at",
-    "run_at",
-    "started_at",
-    "finished_at",
-    "cancel_requested_at",
-)
-
-
 def rfc3339(value: datetime | str | None) -> str | None:
     """A UTC timestamp as `2026-11-23T10:00:00.123456Z` (None stays None)."""
     if value is None:
@@ -242,7 +234,7 @@ def job_json(job: Mapping[str, Any]) -> dict[str, Any]:
         "sequence": job.get("seq"),
         "webhook_events": "all" if job.get("webhook_all_events") else "terminal",
     }
-    for name in _TIMESTAMPS:
+    for name in Job.TIMESTAMPS:
         out[name] = rfc3339(job.get(name))
     return out
 

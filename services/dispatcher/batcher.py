@@ -17,10 +17,10 @@ batch: the next one (any dispatcher) first lists the recent batches at the API a
 adopts one created after the record, with the same number of requests, that no batch
 row owns (the creation of a live dispatcher is always noted before the lock is
 released); only when there is none does it create the batch. Results are written with
-the worker's own conditional transitions (conveyor.db.jobs.finish under the batch's
+the worker's own conditional transitions (conveyor.db.transitions.finish under the batch's
 lease), so reading them twice after a crash finishes no job twice.
 
-Outcomes follow the worker's rules (services.worker.runner.failure_outcome):
+Outcomes follow the worker's rules (conveyor.core.lifecycle.failure_outcome):
 succeeded → the whole message and usage (service_tier `batch`, cost at the batch
 price); errored → transient (overloaded, api_error, rate limit) is retried through
 the batch lane with backoff or dead when attempts are exhausted, permanent fails;
@@ -48,18 +48,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.bus.events import EventPublisher
 from conveyor.core.config import Settings
-from conveyor.core.lifecycle import JobState
+from conveyor.core.lifecycle import Job, JobState, failure_outcome, transition
 from conveyor.core.metrics import COST_USD, JOBS_FINISHED, JOBS_RETRIED, JOBS_STARTED, ModelNames
+from conveyor.core.pricing import with_cost
 from conveyor.core.telemetry import exporting, inject_headers, traceparent_context, tracer
 from conveyor.db import batches as bdb
-from conveyor.db import jobs as db
+from conveyor.db import transitions as db
+from conveyor.db.statements import utcnow
 from conveyor.llm.provider import (
+    SIMULATOR_HEADER_PREFIX,
     TRANSIENT_ERROR_TYPES,
     ProviderError,
     check_provider,
     classify,
 )
-from services.worker.runner import SIMULATOR_HEADER_PREFIX, failure_outcome, with_cost
 
 log = logging.getLogger(__name__)
 
@@ -115,19 +117,19 @@ def errored(error: Mapping[str, Any]) -> ProviderError:
     )
 
 
-def sim_batch_results(jobs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+def sim_batch_results(jobs: Sequence[Job]) -> dict[str, str]:
     """The `x-sim-batch-results` header for the simulator, from the jobs' labels."""
     forced: dict[str, str] = {}
     for job in jobs:
-        labels = job.get("labels") or {}
+        labels = job.labels or {}
         kind = labels.get(SIM_BATCH_RESULT_LABEL)
         if not kind:
             continue
         only = labels.get(SIMULATOR_HEADER_PREFIX + "fail-attempts")
-        attempt = str(int(job["attempts"]) + 1)  # the attempt this batch will be
+        attempt = str(int(job.attempts) + 1)  # the attempt this batch will be
         if only and attempt not in {a.strip() for a in only.split(",")}:
             continue
-        forced[str(job["id"])] = kind
+        forced[str(job.id)] = kind
     return {"x-sim-batch-results": orjson.dumps(forced).decode()} if forced else {}
 
 
@@ -189,7 +191,7 @@ class Batcher:
 
     async def flush(self) -> int:
         """Record a batch for each model whose waiting jobs fill one or waited long enough."""
-        now = db.utcnow()
+        now = utcnow()
         recorded = 0
         for w in await bdb.waiting(self.engine, self.lanes):
             full = w.jobs >= self.settings.batch_max_requests or (
@@ -220,18 +222,18 @@ class Batcher:
         1 if it is created now."""
         if self.settings.batch_test_pause == "recorded":
             await self._test_pause("recorded")
-        claimed: list[Mapping[str, Any]] = []
+        claimed: list[Job] = []
         async with bdb.locked(self.engine, batch_id, "recorded", bdb.SUBMIT_LOCK) as (conn, row):
             if row is None:
                 return 0
             jobs = await bdb.batch_jobs(conn, batch_id)
-            if all(j["status"] == JobState.CANCELLED for j in jobs):
+            if all(j.status == JobState.CANCELLED for j in jobs):
                 await bdb.end_empty(conn, batch_id)
                 return 0
             links = [
-                Link(get_current_span(traceparent_context(j["traceparent"])).get_span_context())
+                Link(get_current_span(traceparent_context(j.traceparent)).get_span_context())
                 for j in jobs[:MAX_TRACE_LINKS]
-                if j["traceparent"]
+                if j.traceparent
             ]
             with tracer().start_as_current_span(
                 f"batch create {row['model']}",
@@ -247,8 +249,8 @@ class Batcher:
                 if provider_batch is None:
                     requests = [
                         {
-                            "custom_id": str(j["id"]),
-                            "params": bdb.params_of(j["model"], j["request"]),
+                            "custom_id": str(j.id),
+                            "params": bdb.params_of(j.model, j.request or {}),
                         }
                         for j in jobs
                     ]
@@ -277,7 +279,7 @@ class Batcher:
                     HOLD_PAST_EXPIRY_S,
                 )
         for job in claimed:
-            JOBS_STARTED.labels(job["lane"]).inc()
+            JOBS_STARTED.labels(job.lane).inc()
         await self._emit_all(claimed, "pending")
         if self.settings.batch_test_pause == "created":
             await self._test_pause("created")
@@ -334,7 +336,7 @@ class Batcher:
         async with bdb.locked(self.engine, batch_id, "created") as (conn, locked):
             if locked is None:
                 return 0  # another dispatcher writes them
-            jobs = {str(j["id"]): j for j in await bdb.batch_jobs(conn, batch_id)}
+            jobs = {str(j.id): j for j in await bdb.batch_jobs(conn, batch_id)}
             with tracer().start_as_current_span(
                 f"batch results {row['model']}",
                 context=traceparent_context(row["traceparent"]),
@@ -357,7 +359,7 @@ class Batcher:
         return written
 
     async def _write_results(
-        self, row: Mapping[str, Any], batch: Any, jobs: Mapping[str, Mapping[str, Any]]
+        self, row: Mapping[str, Any], batch: Any, jobs: Mapping[str, Job]
     ) -> tuple[int, dict[uuid.UUID, str], int | None]:
         batch_id: uuid.UUID = row["id"]
         outcomes: dict[uuid.UUID, str] = {}
@@ -373,8 +375,8 @@ class Batcher:
                     )
                     continue
                 result = item.result.model_dump(mode="json")
-                outcomes[job["id"]] = result["type"]
-                if job["status"] != JobState.RUNNING or job["lease_id"] != batch_id:
+                outcomes[job.id] = result["type"]
+                if job.status != JobState.RUNNING or job.lease_id != batch_id:
                     continue  # cancelled meanwhile (its result dropped) or written already
                 outcome = with_cost(self._outcome(job, result), row["model"], batch=True)
                 if outcome.status is JobState.SUCCEEDED:
@@ -382,14 +384,14 @@ class Batcher:
                     cost = None if cost is None or price is None else cost + price
                 written += await self._finish(row, job, outcome)
         for job in jobs.values():  # in the batch but not in its results: as if expired
-            if job["id"] in outcomes:
+            if job.id in outcomes:
                 continue
-            outcomes[job["id"]] = "missing"
-            if job["status"] == JobState.RUNNING and job["lease_id"] == batch_id:
+            outcomes[job.id] = "missing"
+            if job.status == JobState.RUNNING and job.lease_id == batch_id:
                 written += await self._finish(row, job, self._outcome(job, {"type": "expired"}))
         return written, outcomes, cost
 
-    def _outcome(self, job: Mapping[str, Any], result: Mapping[str, Any]) -> db.Outcome:
+    def _outcome(self, job: Job, result: Mapping[str, Any]) -> db.Outcome:
         kind = result.get("type")
         if kind == "succeeded":
             return completion_of(result["message"])
@@ -408,19 +410,17 @@ class Batcher:
             )
         return failure_outcome(job, error, self.settings)
 
-    async def _finish(
-        self, row: Mapping[str, Any], job: Mapping[str, Any], outcome: db.Outcome
-    ) -> int:
+    async def _finish(self, row: Mapping[str, Any], job: Job, outcome: db.Outcome) -> int:
         """Write one job's outcome under the batch's lease, as the worker would."""
-        done = await db.finish(self.engine, job["id"], row["id"], outcome)
+        done = await db.finish(self.engine, job.id, row["id"], outcome)
         if done is None:
             return 0
         if exporting():
             tracer().start_span(
                 "batch request",
-                context=traceparent_context(job["traceparent"]),
+                context=traceparent_context(job.traceparent),
                 attributes={
-                    "conveyor.job.id": str(job["id"]),
+                    "conveyor.job.id": str(job.id),
                     "conveyor.batch.id": str(row["id"]),
                     "conveyor.batch.provider_id": row["provider_batch_id"],
                     "conveyor.job.status": outcome.status.value,
@@ -428,13 +428,13 @@ class Batcher:
                 start_time=int(row["submitted_at"].timestamp() * 1e9),
             ).end()
         if outcome.cost_micros:
-            COST_USD.labels(self.model_label(row["model"]), done["lane"]).inc(
+            COST_USD.labels(self.model_label(row["model"]), done.lane).inc(
                 outcome.cost_micros / 1e6
             )
         if outcome.status is JobState.SCHEDULED:
-            JOBS_RETRIED.labels(done["lane"]).inc()
+            JOBS_RETRIED.labels(done.lane).inc()
         elif outcome.status.terminal:
-            JOBS_FINISHED.labels(done["lane"], outcome.status.value).inc()
+            JOBS_FINISHED.labels(done.lane, outcome.status.value).inc()
         await self._emit_all([done], "running")
         return 1
 
@@ -448,13 +448,13 @@ class Batcher:
             done = await db.transition(
                 self.engine,
                 r["id"],
-                [JobState.RUNNING],
+                transition("cancel_running").from_states,
                 JobState.CANCELLED,
                 detail={"reason": "cancelled while in a batch", "batch_id": str(r["batch_id"])},
             )
             if done is not None:
                 moved += 1
-                JOBS_FINISHED.labels(done["lane"], "cancelled").inc()
+                JOBS_FINISHED.labels(done.lane, "cancelled").inc()
                 await self._emit_all([done], "running")
         for b in await bdb.all_cancelled(self.engine):
             try:
@@ -470,13 +470,13 @@ class Batcher:
 
     # -- helpers
 
-    async def _emit_all(self, rows: Sequence[Mapping[str, Any]], previous: str) -> None:
-        for row in rows:
+    async def _emit_all(self, jobs: Sequence[Job], previous: str) -> None:
+        for job in jobs:
             try:
-                await self.events.publish_status(row, previous)
+                await self.events.publish_status(job, previous)
             except Exception as exc:  # events are advisory; the row is the record
                 log.warning(
-                    "event publish failed", extra={"job_id": str(row["id"]), "error": repr(exc)}
+                    "event publish failed", extra={"job_id": str(job.id), "error": repr(exc)}
                 )
 
     async def _test_pause(self, where: str) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.core.config import Settings
 from conveyor.core.metrics import RETENTION_PURGED
-from conveyor.db import operations as db
+from conveyor.db import retention as db
 
 log = logging.getLogger(__name__)
 

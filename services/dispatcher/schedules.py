@@ -81,8 +81,8 @@ async def fire(
     rows = [f.job for f in fired]
     for f in fired:
         SCHEDULE_FIRES.labels(str(f.late).lower()).inc()
-        JOBS_SUBMITTED.labels(f.job["lane"]).inc()
-    await queue.enqueue([r for r in rows if r["status"] == JobState.PENDING])
+        JOBS_SUBMITTED.labels(f.job.lane).inc()
+    await queue.enqueue([j for j in rows if j.status == JobState.PENDING])
     try:
         await events.publish_statuses(rows, None)
     except Exception as exc:  # events are advisory; the rows are the record

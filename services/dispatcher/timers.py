@@ -17,16 +17,16 @@ import asyncio
 import contextlib
 import logging
 
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor.bus.broker import DEAD_LETTER_QUEUE, lane_queue, tenant_lane_queue
+from conveyor.bus.broker import DEAD_LETTER_QUEUE, lane_queue, queue_depths, tenant_lane_queue
 from conveyor.bus.events import EventPublisher
 from conveyor.bus.outbox import JobQueue
 from conveyor.core.config import Settings
 from conveyor.core.lifecycle import JobState
 from conveyor.core.metrics import JOBS_FINISHED, QUEUE_DEPTH
-from conveyor.db import jobs as db
+from conveyor.db import sweeps as db
 from conveyor.db.tenants import tenant_names
 
 log = logging.getLogger(__name__)
@@ -38,14 +38,14 @@ async def tick(
     """One pass of every timer; returns how many jobs each step moved."""
     due = await db.release_due(engine)
     recovered = await db.requeue_stalled(engine, settings.lease_s)
-    stalled = [r for r in recovered if r["status"] == JobState.PENDING]
-    lost = [r for r in recovered if r["status"] == JobState.DEAD]
+    stalled = [j for j in recovered if j.status == JobState.PENDING]
+    lost = [j for j in recovered if j.status == JobState.DEAD]
     if recovered:
         log.warning("stalled jobs recovered", extra={"requeued": len(stalled), "dead": len(lost)})
-    for row in recovered:
-        await events.publish_status(row, "running")
-    for row in lost:
-        JOBS_FINISHED.labels(row["lane"], "dead").inc()
+    for job in recovered:
+        await events.publish_status(job, JobState.RUNNING.value)
+    for job in lost:
+        JOBS_FINISHED.labels(job.lane, JobState.DEAD.value).inc()
     unconfirmed = await db.unpublished(engine, older_than_s=settings.outbox_after_s)
     stale = await db.stale_pending(engine, older_than_s=settings.pending_republish_s)
     if stale:
@@ -88,7 +88,6 @@ async def sample_queue_depths(
 ) -> None:
     """Keep the queue-depth gauges current: per lane (its shared queue and every
     tenant's queue of it, summed) and the dead-letter queue."""
-    channel: AbstractChannel | None = None
     while not stop.is_set():
         try:
             async with engine.connect() as conn:
@@ -96,26 +95,17 @@ async def sample_queue_depths(
         except Exception as exc:  # Postgres away: sample the shared queues only
             log.debug("tenant list unavailable", extra={"error": repr(exc)})
             tenants = []
-        for lane in settings.lanes:
-            total = None
-            for name in [lane_queue(lane), *(tenant_lane_queue(lane, t) for t in tenants)]:
-                try:
-                    if channel is None or channel.is_closed:
-                        channel = await connection.channel()
-                    declared = await channel.declare_queue(name, passive=True)
-                    total = (total or 0) + (declared.declaration_result.message_count or 0)
-                except Exception as exc:  # a missing queue closes the channel; next one
-                    log.debug("depth sample failed", extra={"queue": name, "error": repr(exc)})
-            if total is not None:
-                QUEUE_DEPTH.labels(lane_queue(lane)).set(total)
-        try:
-            if channel is None or channel.is_closed:
-                channel = await connection.channel()
-            declared = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
-            QUEUE_DEPTH.labels(DEAD_LETTER_QUEUE).set(
-                declared.declaration_result.message_count or 0
-            )
-        except Exception as exc:  # the broker may be away; try again next time
-            log.debug("depth sample failed", extra={"queue": DEAD_LETTER_QUEUE, "error": repr(exc)})
+        per_lane = {
+            lane: [lane_queue(lane), *(tenant_lane_queue(lane, t) for t in tenants)]
+            for lane in settings.lanes
+        }
+        names = [name for names in per_lane.values() for name in names]
+        depths = await queue_depths(connection, [*names, DEAD_LETTER_QUEUE])
+        for lane, queues in per_lane.items():
+            found = [depths[q] for q in queues if q in depths]
+            if found:
+                QUEUE_DEPTH.labels(lane_queue(lane)).set(sum(found))
+        if DEAD_LETTER_QUEUE in depths:
+            QUEUE_DEPTH.labels(DEAD_LETTER_QUEUE).set(depths[DEAD_LETTER_QUEUE])
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)

@@ -13,7 +13,7 @@ from conveyor.bus.events import EventPublisher
 from conveyor.bus.outbox import JobQueue, TenantLanes
 from conveyor.contract import request_body
 from conveyor.core.config import Settings
-from conveyor.server.runtime import backing_services, grpc_server, mark_serving
+from conveyor.server.runtime import backing_services, serving
 from conveyor.v1 import (
     jobs_pb2,
     jobs_pb2_grpc,
@@ -73,23 +73,20 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             schedules_pb2_grpc.add_ScheduleServiceServicer_to_server(schedules, s)
             operations_pb2_grpc.add_OperationsServiceServicer_to_server(operations, s)
 
-        server, health, port = grpc_server(
+        async with serving(
             [SERVICE_NAME, SCHEDULES_NAME, OPERATIONS_NAME],
             add_services,
             f"{settings.gateway_host}:{settings.gateway_port}",
             settings=settings,
             engine=engine,
-        )
-        await server.start()
-        await mark_serving(health, [SERVICE_NAME, SCHEDULES_NAME, OPERATIONS_NAME])
-        log.info(
-            "gateway ready",
-            extra={"address": f"{settings.gateway_host}:{port}", "tls": settings.tls},
-        )
-        returning = asyncio.create_task(_return_unused_quota(quota, stop))
-        await stop.wait()
-        await health.enter_graceful_shutdown()
-        await server.stop(grace=5)
+            grace_s=5,
+        ) as port:
+            log.info(
+                "gateway ready",
+                extra={"address": f"{settings.gateway_host}:{port}", "tls": settings.tls},
+            )
+            returning = asyncio.create_task(_return_unused_quota(quota, stop))
+            await stop.wait()
         await servicer.close()
         await queue.close()
         await returning

@@ -31,10 +31,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-import grpc
-from google.protobuf.duration_pb2 import Duration
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.contract.request_body import estimate_input_tokens
@@ -47,7 +43,6 @@ from conveyor.db.engine import DATABASE_ERRORS, fetch, once_more_on_disconnect
 log = logging.getLogger(__name__)
 
 BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
-ERROR_DOMAIN = "conveyor.v1"
 
 
 class BudgetExhausted(ResourceExhausted):
@@ -56,19 +51,7 @@ class BudgetExhausted(ResourceExhausted):
 
     def __init__(self, message: str, retry_after_s: float, metadata: dict[str, str]) -> None:
         super().__init__(message, retry_after_s)
-        self.metadata = metadata
-
-    def to_status(self) -> grpc.Status:
-        delay = Duration()
-        delay.FromNanoseconds(int(max(0.0, self.retry_after_s or 0.0) * 1e9))
-        status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=self.message)
-        status.details.add().Pack(
-            error_details_pb2.ErrorInfo(
-                reason=BUDGET_EXHAUSTED, domain=ERROR_DOMAIN, metadata=self.metadata
-            )
-        )
-        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        return rpc_status.to_status(status)
+        self.reason, self.info = BUDGET_EXHAUSTED, metadata
 
 
 # One statement: insert the ledger row or move it, only if both periods' totals stay

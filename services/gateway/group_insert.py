@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.core.errors import ResourceExhausted
+from conveyor.core.lifecycle import Job
 from conveyor.db import jobs as db
 from conveyor.db.engine import is_data_error
 
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 class _Waiting:
     jobs: Sequence[db.NewJob]
     actor: str | None
-    done: asyncio.Future[dict[uuid.UUID, db.Row]]
+    done: asyncio.Future[dict[uuid.UUID, Job]]
 
 
 class GroupInsert:
@@ -60,7 +61,7 @@ class GroupInsert:
         engine: AsyncEngine,
         statements: int = 2,
         max_rows: int = 500,
-        after_commit: Callable[[list[db.Row]], Awaitable[None]] | None = None,
+        after_commit: Callable[[list[Job]], Awaitable[None]] | None = None,
         interval_s: float = 0.0,
         max_waiting: int = 10_000,
     ) -> None:
@@ -76,7 +77,7 @@ class GroupInsert:
         self._waiting_jobs = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def insert(self, jobs: Sequence[db.NewJob], actor: str | None) -> dict[uuid.UUID, db.Row]:
+    async def insert(self, jobs: Sequence[db.NewJob], actor: str | None) -> dict[uuid.UUID, Job]:
         """Insert `jobs` (submitted by `actor`); the inserted rows by job id.
 
         ResourceExhausted, with nothing written, when the queue is full."""
@@ -144,7 +145,7 @@ class GroupInsert:
         jobs = [job for item in batch for job in item.jobs]
         actors = [item.actor for item in batch for _ in item.jobs]
         try:
-            inserted = {r["id"]: r for r in await db.insert_jobs(self.engine, jobs, actors)}
+            inserted = {j.id: j for j in await db.insert_jobs(self.engine, jobs, actors)}
         except BaseException as exc:
             if len(batch) > 1 and is_data_error(exc):
                 # A value of one submit; the statement inserted nothing: find it by halves.

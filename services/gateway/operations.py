@@ -20,14 +20,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from conveyor.bus import broker, control
 from conveyor.bus.events import EventPublisher
 from conveyor.bus.outbox import JobQueue
-from conveyor.contract.convert import check_text, timestamp, to_datetime
-from conveyor.contract.validation import check_strings
+from conveyor.contract.convert import check_text, timestamp
 from conveyor.core.config import Settings
 from conveyor.core.errors import InvalidArgument, NotFound, PermissionDenied
-from conveyor.core.lifecycle import JobState
+from conveyor.core.lifecycle import CANCELLABLE, RETRYABLE, Job, JobState
+from conveyor.db import bulk as bulk_db
 from conveyor.db import operations as db
 from conveyor.server.auth import Principal, check_tenant_name, principal
 from conveyor.v1 import jobs_pb2, operations_pb2, operations_pb2_grpc
+
+from .filters import filter_fields
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,6 @@ DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10_000
 MAX_REASON_CHARS = 1024
 MAX_MODEL_CHARS = 256
-
-CANCELLABLE = (JobState.PENDING, JobState.SCHEDULED, JobState.RUNNING)
-REPLAYABLE = (JobState.FAILED, JobState.DEAD)
 
 
 def _limit(value: int) -> int:
@@ -54,7 +53,7 @@ def _reason(value: str) -> str:
 
 
 def _response(
-    result: db.BulkResult | None, matched: int, dry_run: bool
+    result: bulk_db.BulkResult | None, matched: int, dry_run: bool
 ) -> operations_pb2.BulkActionResponse:
     if result is None:
         return operations_pb2.BulkActionResponse(matched=matched, dry_run=dry_run)
@@ -111,46 +110,19 @@ class OperationsServiceServicer(operations_pb2_grpc.OperationsServiceServicer):
         tenant: str,
         allowed: Sequence[JobState],
         verb: str,
-    ) -> db.JobFilter:
-        statuses: list[str] = []
-        for i, s in enumerate(request.statuses):
-            field = f"filter.statuses[{i}]"
-            if s not in range(1, 8):
-                raise InvalidArgument(field, "is not a job status")
-            state = JobState.from_proto(s)
-            if state not in allowed:
-                raise InvalidArgument(
-                    field,
-                    f"a {state.value} job cannot be {verb}"
-                    f" (only {', '.join(a.value for a in allowed)})",
-                )
-            statuses.append(state.value)
-        if request.lane and request.lane not in self.settings.lanes:
-            raise InvalidArgument("filter.lane", f"must be one of {', '.join(self.settings.lanes)}")
-        labels = dict(request.labels)
-        check_strings(labels, "filter.labels")
+    ) -> bulk_db.JobFilter:
+        fields = filter_fields(request, self.settings, "filter.", allowed, verb)
         check_text(request.model, "filter.model")
         if len(request.model) > MAX_MODEL_CHARS:
             raise InvalidArgument("filter.model", f"at most {MAX_MODEL_CHARS} characters")
-        return db.JobFilter(
-            tenant=tenant,
-            statuses=statuses or [a.value for a in allowed],
-            lane=request.lane,
-            created_after=to_datetime(request.created_after, "filter.created_after")
-            if request.HasField("created_after")
-            else None,
-            created_before=to_datetime(request.created_before, "filter.created_before")
-            if request.HasField("created_before")
-            else None,
-            labels=labels,
-            model=request.model,
-        )
+        fields["statuses"] = fields["statuses"] or [a.value for a in allowed]
+        return bulk_db.JobFilter(tenant=tenant, model=request.model, **fields)
 
-    async def _announce(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    async def _announce(self, moved: Sequence[Job]) -> None:
         """Publish the moved jobs' transitions (grouped by the status they left)."""
-        by_previous: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-        for row in rows:
-            by_previous[row["previous_status"]].append(row)
+        by_previous: dict[str | None, list[Job]] = defaultdict(list)
+        for job in moved:
+            by_previous[job.previous_status].append(job)
         for previous, group in by_previous.items():
             try:
                 await self.events.publish_statuses(group, previous)
@@ -165,8 +137,8 @@ class OperationsServiceServicer(operations_pb2_grpc.OperationsServiceServicer):
         limit = _limit(request.limit)
         reason = _reason(request.reason) or "cancelled by CancelJobs"
         if request.dry_run:
-            return _response(None, await db.count_matching(self.engine, flt, limit), True)
-        result = await db.bulk_cancel(
+            return _response(None, await bulk_db.count_matching(self.engine, flt, limit), True)
+        result = await bulk_db.bulk_cancel(
             self.engine, flt, limit, caller.actor, reason, datetime.now(UTC)
         )
         await self._announce(result.moved)
@@ -188,11 +160,11 @@ class OperationsServiceServicer(operations_pb2_grpc.OperationsServiceServicer):
         return _response(result, result.matched, False)
 
     async def _replay(
-        self, flt: db.JobFilter, limit: int, dry_run: bool, caller: Principal, action: str
+        self, flt: bulk_db.JobFilter, limit: int, dry_run: bool, caller: Principal, action: str
     ) -> operations_pb2.BulkActionResponse:
         if dry_run:
-            return _response(None, await db.count_matching(self.engine, flt, limit), True)
-        result = await db.bulk_replay(
+            return _response(None, await bulk_db.count_matching(self.engine, flt, limit), True)
+        result = await bulk_db.bulk_replay(
             self.engine,
             flt,
             limit,
@@ -217,7 +189,7 @@ class OperationsServiceServicer(operations_pb2_grpc.OperationsServiceServicer):
         self, request: operations_pb2.RetryJobsRequest, context: grpc.aio.ServicerContext
     ) -> operations_pb2.BulkActionResponse:
         caller = principal(context)
-        flt = self._filter(request.filter, caller.tenant, REPLAYABLE, "retried")
+        flt = self._filter(request.filter, caller.tenant, RETRYABLE, "retried")
         return await self._replay(flt, _limit(request.limit), request.dry_run, caller, "retry")
 
     async def RedriveDeadJobs(
@@ -225,7 +197,7 @@ class OperationsServiceServicer(operations_pb2_grpc.OperationsServiceServicer):
     ) -> operations_pb2.BulkActionResponse:
         caller = principal(context)
         tenant = self._tenant(request.tenant, caller, "redrives another tenant's dead jobs")
-        flt = db.JobFilter(tenant=tenant, statuses=[JobState.DEAD.value])
+        flt = bulk_db.JobFilter(tenant=tenant, statuses=[JobState.DEAD.value])
         return await self._replay(flt, _limit(request.limit), request.dry_run, caller, "redrive")
 
     def _tenant(self, requested: str, caller: Principal, what: str) -> str:

@@ -7,7 +7,6 @@ is accepted makes valid jobs; the dispatcher fires it (services.dispatcher.sched
 
 from __future__ import annotations
 
-import base64
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -24,6 +23,8 @@ from conveyor.core.errors import InvalidArgument, NotFound
 from conveyor.db import schedules as db
 from conveyor.server.auth import principal
 from conveyor.v1 import jobs_pb2, schedules_pb2, schedules_pb2_grpc
+
+from .filters import decode_page_token, encode_page_token
 
 MAX_NAME_CHARS = 200
 MAX_CRON_CHARS = 256
@@ -79,23 +80,6 @@ def schedule_to_proto(row: Mapping[str, Any]) -> schedules_pb2.Schedule:
     if row["last_fire_at"] is not None:
         schedule.last_fire_time.CopyFrom(timestamp(row["last_fire_at"]))
     return schedule
-
-
-def _encode_token(row: Mapping[str, Any]) -> str:
-    return base64.urlsafe_b64encode(
-        f"{row['created_at'].isoformat()}|{row['id']}".encode()
-    ).decode()
-
-
-def _decode_token(token: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        created, schedule_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
-        after = datetime.fromisoformat(created)
-        if after.tzinfo is None:
-            raise ValueError("no time zone")
-        return after.astimezone(UTC), uuid.UUID(schedule_id)
-    except (ValueError, OverflowError):
-        raise InvalidArgument("page_token", "is not a token from ListSchedules") from None
 
 
 class ScheduleServiceServicer(schedules_pb2_grpc.ScheduleServiceServicer):
@@ -204,13 +188,17 @@ class ScheduleServiceServicer(schedules_pb2_grpc.ScheduleServiceServicer):
         if not 0 <= request.page_size <= MAX_PAGE:
             raise InvalidArgument("page_size", f"must be 0..{MAX_PAGE}")
         size = request.page_size or DEFAULT_PAGE
-        after = _decode_token(request.page_token) if request.page_token else None
+        after = (
+            decode_page_token(request.page_token, "ListSchedules") if request.page_token else None
+        )
         async with self.engine.connect() as conn:
             rows = await db.list_page(conn, principal(context).tenant, size + 1, after)
         page, more = rows[:size], len(rows) > size
         return schedules_pb2.ListSchedulesResponse(
             schedules=[schedule_to_proto(r) for r in page],
-            next_page_token=_encode_token(page[-1]) if more else "",
+            next_page_token=encode_page_token(page[-1]["created_at"], page[-1]["id"])
+            if more
+            else "",
         )
 
     async def _set_paused(self, raw_id: str, paused: bool) -> schedules_pb2.Schedule:

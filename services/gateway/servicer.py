@@ -12,17 +12,14 @@ history of a job names who submitted, cancelled or replayed it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import grpc
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
-from google.protobuf.duration_pb2 import Duration
+from aio_pika.abc import AbstractConnection, AbstractExchange
 from google.protobuf.struct_pb2 import Struct
 from opentelemetry import trace
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -35,32 +32,32 @@ from conveyor.contract.convert import (
     job_to_proto,
     parse_job_id,
     timestamp,
-    to_datetime,
 )
-from conveyor.contract.validation import check_strings, validate_submit
+from conveyor.contract.validation import validate_submit
 from conveyor.core.config import Settings
 from conveyor.core.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     Unavailable,
 )
-from conveyor.core.lifecycle import CANCELLABLE, RETRYABLE, JobState
+from conveyor.core.lifecycle import CANCELLABLE, QUEUED, RETRYABLE, Job, JobState
 from conveyor.core.metrics import JOBS_SUBMITTED, RETENTION_PURGED
-from conveyor.core.pricing import cache_saved_micros
 from conveyor.core.telemetry import context_from_headers, current_ids, tracer
+from conveyor.db import bulk as bulk_db
 from conveyor.db import jobs as db
-from conveyor.db import operations as ops_db
-from conveyor.db import tenants as tenants_db
+from conveyor.db import retention as retention_db
+from conveyor.db import transitions
 from conveyor.db.engine import DATABASE_ERRORS, is_data_error, once_more_on_disconnect
 from conveyor.server.auth import Principal, principal
 from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
 
 from .budgets import TenantBudgets
+from .filters import decode_page_token, encode_page_token, filter_fields
 from .group_insert import GroupInsert
 from .quota import SubmitQuota
+from .stats import get_stats
 
 log = logging.getLogger(__name__)
 
@@ -69,61 +66,6 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_REASON_CHARS = 1024
 """The longest CancelJob reason (it is stored in the job's history)."""
-
-
-def _encode_page_token(row: Mapping[str, Any]) -> str:
-    raw = f"{row['created_at'].isoformat()}|{row['id']}"
-    return base64.urlsafe_b64encode(raw.encode()).decode()
-
-
-def _decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
-    # Anything but what _encode_page_token wrote is refused here, before the query: an
-    # extreme or zoneless time would fail it (the driver's conversion to UTC overflows).
-    try:
-        created, job_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
-        after = datetime.fromisoformat(created)
-        if after.tzinfo is None:
-            raise ValueError("no time zone")
-        return after.astimezone(UTC), uuid.UUID(job_id)
-    except (ValueError, OverflowError):  # binascii.Error and UnicodeError are ValueErrors
-        raise InvalidArgument("page_token", "is not a token from ListJobs") from None
-
-
-def _token_totals(tokens: Mapping[str, int]) -> jobs_pb2.Usage:
-    """Usage of token totals by field name (input_tokens, output_tokens, cache_...)."""
-    usage = jobs_pb2.Usage()
-    for name, value in tokens.items():
-        setattr(usage, name, value)
-    return usage
-
-
-COST_WINDOW = timedelta(hours=24)
-"""GetStats's cost window when the request names none: the last 24 hours."""
-
-
-def _cost_stats(row: db.CostRow) -> jobs_pb2.CostStats:
-    """A cost row with its prompt cache report: the share of input read from the cache
-    and what those reads saved against the input price."""
-    tokens = row.tokens
-    read = tokens["cache_read_input_tokens"]
-    total_in = read + tokens["input_tokens"] + tokens["cache_creation_input_tokens"]
-    return jobs_pb2.CostStats(
-        tenant=row.tenant,
-        model=row.model,
-        lane=row.lane,
-        jobs=row.jobs,
-        unpriced_jobs=row.unpriced_jobs,
-        cost_micros=row.cost_micros,
-        tokens=_token_totals(tokens),
-        cache_read_ratio=read / total_in if total_in else 0.0,
-        cache_saved_micros=cache_saved_micros(row.model, read) or 0,
-    )
-
-
-def _duration(seconds: float | None) -> Duration:
-    d = Duration()
-    d.FromTimedelta(timedelta(seconds=seconds or 0.0))
-    return d
 
 
 class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
@@ -213,7 +155,7 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         if len(keys) != len(set(keys)):
             raise InvalidArgument("jobs", "idempotency keys repeat within the batch")
 
-        async def store() -> list[tuple[Mapping[str, Any], bool]]:
+        async def store() -> list[tuple[Job, bool]]:
             # One statement inserts the jobs (with other submits' jobs when busy); lookups
             # of colliding keys see the first jobs once they commit (ON CONFLICT waits
             # for them), so no transaction.
@@ -221,7 +163,7 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
             if len(inserted) == len(new):
                 return [(inserted[job.id], False) for job in new]
             async with self.engine.connect() as conn:
-                results: list[tuple[Mapping[str, Any], bool]] = []
+                results: list[tuple[Job, bool]] = []
                 for i, job in enumerate(new):
                     if job.id in inserted:
                         results.append((inserted[job.id], False))
@@ -231,10 +173,10 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
                     first = await db.get_by_idempotency_key(conn, tenant, job.idempotency_key)
                     if first is None:  # the other submit was rolled back meanwhile
                         raise Unavailable("idempotency key in flux, try again")
-                    if first["request_hash"] != job.request_hash:
+                    if first.request_hash != job.request_hash:
                         field = f"jobs[{i}].idempotency_key" if batch else "idempotency_key"
                         raise AlreadyExists(
-                            f"{field}: used before by job {first['id']} with a different request"
+                            f"{field}: used before by job {first.id} with a different request"
                         )
                     results.append((first, True))
                 return results
@@ -251,40 +193,39 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
             log.error("cannot make jobs durable", extra={"error": repr(exc)})
             raise Unavailable("the job store is unavailable; nothing was accepted") from exc
         return [
-            jobs_pb2.SubmitJobResponse(job=job_to_proto(row), idempotent_replay=replay)
-            for row, replay in results
+            jobs_pb2.SubmitJobResponse(job=job_to_proto(job), idempotent_replay=replay)
+            for job, replay in results
         ]
 
-    async def _announce(self, rows: list[db.Row]) -> None:
+    async def _announce(self, jobs: list[Job]) -> None:
         """New jobs are committed: publish their events and queue them.
 
         SubmitJob has answered already (GroupInsert): accepted means committed, and a
         job whose publish fails (or never happens, the gateway dying first) is the
         outbox reconciler's to publish.
         """
-        for lane, n in Counter(row["lane"] for row in rows).items():
+        for lane, n in Counter(job.lane for job in jobs).items():
             JOBS_SUBMITTED.labels(lane).inc(n)
         # The jobs' messages first: a worker waits for them; the events only tell watchers.
         queued = asyncio.create_task(
-            self.queue.enqueue([r for r in rows if r["status"] == JobState.PENDING])
+            self.queue.enqueue([j for j in jobs if j.status == JobState.PENDING])
         )
         try:
-            await self.events.publish_statuses(rows, None)
+            await self.events.publish_statuses(jobs, None)
         except Exception as exc:  # events are advisory; the rows are the record
-            log.warning("event publish failed", extra={"jobs": len(rows), "error": repr(exc)})
+            log.warning("event publish failed", extra={"jobs": len(jobs), "error": repr(exc)})
         await queued
 
     async def close(self) -> None:
         """Finish the inserts under way and announce the jobs committed so far."""
         await self.inserts.close()
 
-    async def _emit(self, row: Mapping[str, Any], previous: str | None) -> None:
+    async def _emit(self, job: Job) -> None:
+        """Publish the transition `job` has just made (from its previous_status)."""
         try:
-            await self.events.publish_status(row, previous)
+            await self.events.publish_status(job, job.previous_status)
         except Exception as exc:  # events are advisory; the row is the record
-            log.warning(
-                "event publish failed", extra={"job_id": str(row["id"]), "error": repr(exc)}
-            )
+            log.warning("event publish failed", extra={"job_id": str(job.id), "error": repr(exc)})
 
     async def SubmitJob(
         self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
@@ -300,8 +241,8 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         results = await self._insert(list(request.jobs), self._tenant(context), True, context)
         return jobs_pb2.SubmitJobsResponse(results=results)
 
-    async def _get(self, job_id: uuid.UUID, tenant: str) -> Mapping[str, Any]:
-        async def read() -> Mapping[str, Any] | None:
+    async def _get(self, job_id: uuid.UUID, tenant: str) -> Job:
+        async def read() -> Job | None:
             async with self.engine.connect() as conn:
                 return await db.get_job(conn, job_id, tenant)
 
@@ -322,28 +263,8 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         if not 0 <= request.page_size <= MAX_PAGE:
             raise InvalidArgument("page_size", f"must be 0..{MAX_PAGE}")
         size = request.page_size or DEFAULT_PAGE
-        statuses = []
-        for i, s in enumerate(request.statuses):
-            if s not in range(1, 8):
-                raise InvalidArgument(f"statuses[{i}]", "is not a job status")
-            statuses.append(JobState.from_proto(s).value)
-        if request.lane and request.lane not in self.settings.lanes:
-            raise InvalidArgument("lane", f"must be one of {', '.join(self.settings.lanes)}")
-        labels = dict(request.labels)
-        check_strings(labels, "labels")
-        flt = db.ListFilter(
-            tenant=self._tenant(context),
-            statuses=statuses,
-            lane=request.lane,
-            created_after=to_datetime(request.created_after, "created_after")
-            if request.HasField("created_after")
-            else None,
-            created_before=to_datetime(request.created_before, "created_before")
-            if request.HasField("created_before")
-            else None,
-            labels=labels,
-        )
-        after = _decode_page_token(request.page_token) if request.page_token else None
+        flt = db.ListFilter(tenant=self._tenant(context), **filter_fields(request, self.settings))
+        after = decode_page_token(request.page_token, "ListJobs") if request.page_token else None
         if request.view not in jobs_pb2.JobView.values():
             raise InvalidArgument("view", "is not a JobView value")
         full = request.view == jobs_pb2.JOB_VIEW_FULL
@@ -352,7 +273,7 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         page, more = rows[:size], len(rows) > size
         return jobs_pb2.ListJobsResponse(
             jobs=[job_to_proto(r, content=full, request=full) for r in page],
-            next_page_token=_encode_page_token(page[-1]) if more else "",
+            next_page_token=encode_page_token(page[-1].created_at, page[-1].id) if more else "",
         )
 
     async def CancelJob(
@@ -365,27 +286,26 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         caller = self._principal(context)
         tenant = caller.tenant
         detail = {"reason": request.reason or "cancelled by CancelJob"}
-        queued = (JobState.PENDING, JobState.SCHEDULED)
-        row = await db.transition(
+        row = await transitions.transition(
             self.engine,
             job_id,
-            queued,
+            QUEUED,
             JobState.CANCELLED,
             tenant=tenant,
             detail=detail,
             actor=caller.actor,
         )
         if row is not None:
-            await self._emit(row, row["previous_status"])
+            await self._emit(row)
             return jobs_pb2.CancelJobResponse(job=job_to_proto(row))
-        row = await db.request_cancel(self.engine, job_id, tenant, caller.actor)
+        row = await transitions.request_cancel(self.engine, job_id, tenant, caller.actor)
         if row is not None:
             await broker.publish_cancel(self.events_exchange, job_id, tenant)
             return jobs_pb2.CancelJobResponse(job=job_to_proto(row))
         current = await self._get(job_id, tenant)
-        if JobState(current["status"]) in CANCELLABLE:  # it moved between our two updates
+        if current.status in CANCELLABLE:  # it moved between our two updates
             return await self.CancelJob(request, context)
-        raise FailedPrecondition(f"job {job_id} is already {current['status']}")
+        raise FailedPrecondition(f"job {job_id} is already {current.status}")
 
     async def RetryJob(
         self, request: jobs_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
@@ -393,7 +313,7 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         job_id = parse_job_id(request.id)
         caller = self._principal(context)
         tenant = caller.tenant
-        row = await db.replay(
+        row = await transitions.replay(
             self.engine,
             job_id,
             tenant,
@@ -404,78 +324,18 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         if row is None:
             current = await self._get(job_id, tenant)
             raise FailedPrecondition(
-                f"job {job_id} is {current['status']}; only failed or dead jobs can be retried"
+                f"job {job_id} is {current.status}; only failed or dead jobs can be retried"
             )
         await self.queue.enqueue([row])
-        await self._emit(row, row["previous_status"])
+        await self._emit(row)
         return jobs_pb2.RetryJobResponse(job=job_to_proto(row))
 
     async def GetStats(
         self, request: jobs_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.GetStatsResponse:
-        caller = self._principal(context)
-        tenant = request.tenant or caller.tenant
-        check_text(tenant, "tenant")
-        if (request.all_tenants or tenant != caller.tenant) and not caller.operator:
-            raise PermissionDenied("only an operator key reads other tenants' statistics")
-        until = to_datetime(request.until, "until") if request.HasField("until") else None
-        until = until or datetime.now(UTC)
-        since = (
-            to_datetime(request.since, "since")
-            if request.HasField("since")
-            else until - COST_WINDOW
+        return await get_stats(
+            self.engine, self.connection, self.settings, self._principal(context), request
         )
-        if since >= until:
-            raise InvalidArgument("since", "must lie before `until`")
-        per_tenant: dict[str, tenants_db.TenantSummary] = {}
-        async with self.engine.connect() as conn:
-            if request.all_tenants:
-                summary, per_tenant = await tenants_db.stats_all(conn)
-                names = await tenants_db.tenant_names(conn)
-            else:
-                summary = await db.stats(conn, tenant)
-                names = [tenant]
-            costs = await db.cost_rows(conn, None if request.all_tenants else tenant, since, until)
-        response = jobs_pb2.GetStatsResponse(
-            run_time_p50=_duration(summary.run_time_p50_s),
-            run_time_p95=_duration(summary.run_time_p95_s),
-            tokens=_token_totals(summary.tokens),
-            tenant="*" if request.all_tenants else tenant,
-            costs=[_cost_stats(row) for row in costs],
-            since=timestamp(since),
-            until=timestamp(until),
-        )
-        lanes: dict[str, jobs_pb2.LaneStats] = {
-            lane: jobs_pb2.LaneStats(lane=lane) for lane in self.settings.lanes
-        }
-        for (lane, status), n in summary.counts.items():
-            response.counts[status] = response.counts[status] + n
-            lanes.setdefault(lane, jobs_pb2.LaneStats(lane=lane)).counts[status] = n
-        for name, part in sorted(per_tenant.items()):
-            response.tenants.append(
-                jobs_pb2.TenantStats(
-                    tenant=name, counts=part.counts, tokens=_token_totals(part.tokens)
-                )
-            )
-        # A tenant's statistics count its own queues only. The shared lane queues and
-        # the dead-letter queue hold every tenant's messages: only an operator sees
-        # their depths (all-tenant statistics, or any tenant's with fairness off);
-        # anyone else gets them left out (0), never other tenants' figures.
-        shared = caller.operator and (request.all_tenants or not self.settings.fair_tenants)
-        wanted: list[tuple[str, str]] = []
-        for lane in lanes:
-            if self.settings.fair_tenants:
-                wanted += [(lane, broker.tenant_lane_queue(lane, name)) for name in names]
-            if shared:
-                wanted.append((lane, broker.lane_queue(lane)))
-        extra = [broker.DEAD_LETTER_QUEUE] if caller.operator else []
-        depths = await queue_depths(self.connection, [q for _, q in wanted] + extra)
-        for lane, queue in wanted:
-            lanes[lane].queue_depth += depths.get(queue, 0)
-        if caller.operator:
-            response.dead_letter_depth = depths.get(broker.DEAD_LETTER_QUEUE, 0)
-        response.lanes.extend(lanes.values())
-        return response
 
     async def GetJobHistory(
         self, request: jobs_pb2.GetJobHistoryRequest, context: grpc.aio.ServicerContext
@@ -508,10 +368,10 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         job_id = parse_job_id(request.id)
         caller = self._principal(context)
         try:
-            deleted = await ops_db.delete_job(self.engine, job_id, caller.tenant)
-        except ops_db.JobNotFound:
+            deleted = await retention_db.delete_job(self.engine, job_id, caller.tenant)
+        except retention_db.JobNotFound:
             raise NotFound(f"job {job_id} not found") from None
-        except ops_db.JobLive as exc:
+        except retention_db.JobLive as exc:
             raise FailedPrecondition(
                 f"job {job_id} is {exc.status}; only a finished job can be deleted"
                 " (cancel it first)"
@@ -529,40 +389,17 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         if not 0 <= request.priority <= self.settings.max_priority:
             raise InvalidArgument("priority", f"must be 0..{self.settings.max_priority}")
         tenant = self._tenant(context)
-        row = await ops_db.set_priority(
+        row = await bulk_db.set_priority(
             self.engine, job_id, tenant, request.priority, datetime.now(UTC)
         )
         if row is None:
             current = await self._get(job_id, tenant)
             raise FailedPrecondition(
-                f"job {job_id} is {current['status']}; only a pending or scheduled job's"
+                f"job {job_id} is {current.status}; only a pending or scheduled job's"
                 " priority can change"
             )
-        if row["status"] == JobState.PENDING:
+        if row.status == JobState.PENDING:
             # Queued again at the new priority; the old message is a duplicate, which
             # the conditional claim makes harmless (the README says what that means).
             await self.queue.enqueue([row])
         return jobs_pb2.UpdateJobPriorityResponse(job=job_to_proto(row))
-
-
-async def queue_depths(connection: AbstractConnection, queues: Sequence[str]) -> dict[str, int]:
-    """Messages ready in each queue that exists (a passive declare reads the count).
-
-    A channel of its own: a passive declare of a missing queue (a tenant that never
-    submitted to a lane) closes the channel it ran on, so the next one opens another.
-    """
-    depths: dict[str, int] = {}
-    channel: AbstractChannel | None = None
-    try:
-        for queue in queues:
-            try:
-                if channel is None or channel.is_closed:
-                    channel = await connection.channel()
-                result = await channel.declare_queue(queue, passive=True)
-                depths[queue] = int(result.declaration_result.message_count or 0)
-            except Exception as exc:  # a depth is advisory; never fail GetStats for it
-                log.debug("queue depth unavailable", extra={"queue": queue, "error": repr(exc)})
-    finally:
-        if channel is not None and not channel.is_closed:
-            await channel.close()
-    return depths

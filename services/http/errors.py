@@ -20,10 +20,8 @@ from typing import Any
 import grpc
 import orjson
 from aiohttp import web
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
-from conveyor.core.errors import ConveyorError, InvalidArgument, ResourceExhausted
+from conveyor.core.errors import ConveyorError, error_from_rpc
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,
@@ -45,70 +43,43 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DATA_LOSS: 500,
 }
 """google.rpc.Code to HTTP status, as google/rpc/code.proto gives it."""
-_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def body_of(error: ConveyorError, http_status: int | None = None) -> dict[str, Any]:
+    """The JSON error object of an error (with what its google.rpc details say)."""
+    body: dict[str, Any] = {
+        "code": error.code.name,
+        "http_status": http_status or HTTP_STATUS.get(error.code, 500),
+        "message": error.message,
+    }
+    if error.field_violations:
+        body["details"] = [{"field": f, "description": d} for f, d in error.field_violations]
+    if error.retry_after_s is not None:
+        body["retry_after_s"] = error.retry_after_s
+    if error.reason:
+        body["reason"] = error.reason
+        if error.info:
+            body["metadata"] = dict(error.info)
+    return {"error": body}
 
 
 def error_body(
-    code: grpc.StatusCode,
-    message: str,
-    status: status_pb2.Status | None = None,
-    http_status: int | None = None,
+    code: grpc.StatusCode, message: str, http_status: int | None = None
 ) -> dict[str, Any]:
-    """The JSON error object of a status (with its google.rpc details, if any)."""
-    error: dict[str, Any] = {
-        "code": code.name,
-        "http_status": http_status or HTTP_STATUS.get(code, 500),
-        "message": message,
-    }
-    for detail in status.details if status is not None else ():
-        bad = error_details_pb2.BadRequest()
-        retry = error_details_pb2.RetryInfo()
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(bad):
-            error.setdefault("details", []).extend(
-                {"field": v.field, "description": v.description} for v in bad.field_violations
-            )
-        elif detail.Unpack(retry):
-            delay = retry.retry_delay
-            error["retry_after_s"] = delay.seconds + delay.nanos / 1e9
-        elif detail.Unpack(info):
-            error["reason"] = info.reason
-            if info.metadata:
-                error["metadata"] = dict(info.metadata)
-    return {"error": error}
+    """The JSON error object of a bare status (no details)."""
+    return body_of(ConveyorError.from_status(code, message), http_status)
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> dict[str, Any]:
     """The error object of a failed gRPC call."""
-    status: status_pb2.Status | None
-    try:
-        status = rpc_status.from_call(exc)
-    except ValueError:  # details that disagree with the code: keep the code
-        status = None
-    return error_body(exc.code(), exc.details() or exc.code().name, status)
+    error = error_from_rpc(exc)
+    error.message = error.message or exc.code().name
+    return body_of(error)
 
 
 def from_conveyor_error(exc: ConveyorError) -> dict[str, Any]:
     """The error object of an error raised here (a bad query string, say)."""
-    status = status_pb2.Status(code=exc.code.value[0], message=exc.message)
-    if isinstance(exc, InvalidArgument):
-        status.details.add().Pack(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=exc.field, description=exc.description
-                    )
-                ]
-            )
-        )
-    body = error_body(exc.code, exc.message, status)
-    if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None:
-        body["error"]["retry_after_s"] = exc.retry_after_s
-    return body
-
-
-def code_of(number: int) -> grpc.StatusCode:
-    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+    return body_of(exc)
 
 
 def response(body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:

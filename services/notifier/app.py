@@ -12,7 +12,7 @@ import socket
 from conveyor.bus import broker
 from conveyor.bus.catchup import TextSoFarClient
 from conveyor.core.config import Settings
-from conveyor.server.runtime import backing_services, grpc_server, mark_serving
+from conveyor.server.runtime import backing_services, serving
 from conveyor.v1 import events_pb2, events_pb2_grpc
 
 from .hub import Hub
@@ -72,19 +72,16 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             ),
         )
         servicer = JobEventsServicer(services, settings)
-        server, health, port = grpc_server(
+        async with serving(
             [SERVICE_NAME],
             lambda s: events_pb2_grpc.add_JobEventsServicer_to_server(servicer, s),
             f"{settings.notifier_host}:{settings.notifier_port}",
             settings=settings,
             engine=engine,
-        )
-        await server.start()
-        await mark_serving(health, [SERVICE_NAME])
-        log.info("notifier ready", extra={"address": f"{settings.notifier_host}:{port}"})
-        await stop.wait()
-        await health.enter_graceful_shutdown()
-        await server.stop(grace=2)
+            grace_s=2,
+        ) as port:
+            log.info("notifier ready", extra={"address": f"{settings.notifier_host}:{port}"})
+            await stop.wait()
         await sender.stop()
         for task in background:
             task.cancel()

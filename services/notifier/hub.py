@@ -299,15 +299,7 @@ class Hub:
             held_from=text.base_seq,
             started_ns=started,
         )
-        now_ns = time.time_ns()
-        for seq, delta in text.after(text.base_seq):
-            if seq > joint:
-                break
-            ev = events_pb2.JobEvent(
-                job_id=text.job_id, sequence=seq, tenant=tenant, token_delta=delta
-            )
-            ev.time.FromNanoseconds(now_ns)
-            rebuilt.deltas.append(ev)
+        rebuilt.deltas.extend(e for e in text.events(tenant, text.base_seq) if e.sequence <= joint)
         rebuilt.deltas.extend(have)
         rebuilt.nbytes = sum(event_size(e) for e in rebuilt.deltas)
         rebuilt.count = max(count, text.count)

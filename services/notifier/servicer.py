@@ -15,22 +15,22 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
+from conveyor.bus.events import is_terminal
 from conveyor.contract.convert import check_text, key_field, parse_job_id, to_timedelta
 from conveyor.core.config import Settings
 from conveyor.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from conveyor.core.lifecycle import Job
 from conveyor.core.metrics import WATCHERS
+from conveyor.db import watches
 from conveyor.server.auth import tenant_of
-from conveyor.v1 import events_pb2, events_pb2_grpc, jobs_pb2
+from conveyor.v1 import events_pb2, events_pb2_grpc
 
 from .hub import Watcher
-from .stream import Services, Stream, active_with_labels, load_rows
+from .stream import Services, Stream
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ DEFAULT_PROGRESS_S = 1.0
 MIN_PROGRESS_S = 0.1
 MAX_PROGRESS_S = 60.0
 FELL_BEHIND = "WATCH_FELL_BEHIND"
-ERROR_DOMAIN = "conveyor.v1"
 
 
 class FellBehind(ResourceExhausted):
@@ -47,16 +46,7 @@ class FellBehind(ResourceExhausted):
 
     def __init__(self, message: str, metadata: dict[str, str]) -> None:
         super().__init__(message)
-        self.metadata = metadata
-
-    def to_status(self) -> grpc.Status:
-        status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=self.message)
-        status.details.add().Pack(
-            error_details_pb2.ErrorInfo(
-                reason=FELL_BEHIND, domain=ERROR_DOMAIN, metadata=self.metadata
-            )
-        )
-        return rpc_status.to_status(status)
+        self.reason, self.info = FELL_BEHIND, metadata
 
 
 def progress_interval(value: Duration | None) -> float:
@@ -70,15 +60,6 @@ def progress_interval(value: Duration | None) -> float:
     if seconds <= 0:
         return DEFAULT_PROGRESS_S
     return min(MAX_PROGRESS_S, max(MIN_PROGRESS_S, seconds))
-
-
-def is_terminal(event: events_pb2.JobEvent) -> bool:
-    return event.HasField("status_changed") and event.status_changed.status in (
-        jobs_pb2.JOB_STATUS_SUCCEEDED,
-        jobs_pb2.JOB_STATUS_FAILED,
-        jobs_pb2.JOB_STATUS_CANCELLED,
-        jobs_pb2.JOB_STATUS_DEAD,
-    )
 
 
 class JobEventsServicer(events_pb2_grpc.JobEventsServicer):
@@ -190,11 +171,11 @@ class JobEventsServicer(events_pb2_grpc.JobEventsServicer):
         watcher = self._watcher(tenant, deltas=True, labels=None)
         try:
             self.hub.watch_job(watcher, str(job_id))
-            row = (await load_rows(self.services.engine, tenant, [job_id])).get(str(job_id))
-            if row is None:
+            job = await watches.job_by_id(self.services.engine, tenant, job_id)
+            if job is None:
                 raise NotFound(f"job {job_id} not found")
             stream = Stream(self.services, watcher, progress_s)
-            for event in await stream.open(row, request.after_sequence):
+            for event in await stream.open(job, request.after_sequence):
                 yield event
             if stream.trackers[str(job_id)].terminal:
                 return
@@ -232,16 +213,16 @@ class JobEventsServicer(events_pb2_grpc.JobEventsServicer):
             if ids:
                 for job_id in ids:
                     self.hub.watch_job(watcher, str(job_id))
-                rows = await load_rows(self.services.engine, tenant, ids)
-                missing = [str(i) for i in ids if str(i) not in rows]
+                found = await watches.jobs_by_id(self.services.engine, tenant, ids)
+                missing = [str(i) for i in ids if str(i) not in found]
                 if missing:
                     raise NotFound(f"job {missing[0]} not found")
-                ordered: list[dict[str, Any]] = [rows[str(i)] for i in ids]
+                ordered: list[Job] = [found[str(i)] for i in ids]
             else:
                 self.hub.watch_tenant(watcher)
-                ordered = await active_with_labels(self.services.engine, tenant, labels)
-            for row in ordered:
-                for event in await stream.open(row, resume.get(str(row["id"]), 0)):
+                ordered = await watches.live_with_labels(self.services.engine, tenant, labels)
+            for job in ordered:
+                for event in await stream.open(job, resume.get(str(job.id), 0)):
                     yield event
             if ids and all(t.terminal for t in stream.trackers.values()):
                 return

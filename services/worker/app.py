@@ -26,6 +26,7 @@ from conveyor.bus import broker
 from conveyor.bus.catchup import serve_text_requests
 from conveyor.bus.control import DRAIN_KEY, LANES_BINDING
 from conveyor.bus.events import EventPublisher
+from conveyor.bus.settle import REJECT, Outcome, consumer, requeue
 from conveyor.core.config import Settings
 from conveyor.db import operations as ops_db
 from conveyor.db.engine import is_transient
@@ -33,8 +34,9 @@ from conveyor.llm.provider import Provider
 from conveyor.server.runtime import backing_services
 
 from .consumers import TenantConsumers, refresh_forever
+from .inflight import lease_hold_s
 from .limiter import ProviderLimiter
-from .runner import JobRunner, lease_hold_s
+from .runner import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -112,29 +114,28 @@ async def _register(
         await asyncio.sleep(settings.worker_heartbeat_s)
 
 
-async def _guarded(runner: JobRunner, message: AbstractIncomingMessage) -> None:
-    """Run a job. A lost database or broker connection, or a database statement that
-    timed out, hands the message back (the job is not at fault); any other unexpected
-    error dead-letters it instead of leaving it stuck."""
-    try:
-        await runner.handle(message)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        if is_transient(exc) or isinstance(exc, AMQPError):
-            log.warning(
-                "job handed back after a lost connection",
-                extra={"message_id": message.message_id, "error": repr(exc)},
-            )
-            await asyncio.sleep(1)
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
-            return
-        log.exception(
-            "job handling failed; message dead-lettered", extra={"message_id": message.message_id}
+LOST_CONNECTION_HOLD_S = 1.0
+"""A job message whose handling lost its database or broker connection waits this long
+before it goes back to its queue."""
+
+
+def _on_job_error(message: AbstractIncomingMessage, exc: Exception) -> Outcome:
+    """What becomes of a job message whose handling raised. A lost database or broker
+    connection, or a database statement that timed out, hands the message back (the job
+    is not at fault); any other unexpected error dead-letters it instead of leaving it
+    stuck."""
+    if is_transient(exc) or isinstance(exc, AMQPError):
+        log.warning(
+            "job handed back after a lost connection",
+            extra={"message_id": message.message_id, "error": repr(exc)},
         )
-        with contextlib.suppress(Exception):
-            await message.reject(requeue=False)
+        return requeue(LOST_CONNECTION_HOLD_S)
+    log.error(
+        "job handling failed; message dead-lettered",
+        extra={"message_id": message.message_id},
+        exc_info=exc,
+    )
+    return REJECT
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -164,24 +165,19 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 on_tenant_full=on_tenant_full,
             )
 
-            async def hold_back(message: AbstractIncomingMessage, hold_s: float) -> None:
-                await asyncio.sleep(hold_s)
-                with contextlib.suppress(Exception):  # a closed channel requeues it anyway
-                    await message.nack(requeue=True)
-
-            async def on_job(message: AbstractIncomingMessage) -> None:
+            async def handle(message: AbstractIncomingMessage) -> Outcome:
                 if consumers is not None and consumers.lane_pauses:
                     lane, tenant, shared = _delivery_tenant(message)
                     if consumers.lane_paused(lane, tenant):
                         # Delivered just before its lane was paused: back to the queue,
                         # still pending.
-                        held = asyncio.create_task(
-                            hold_back(message, PAUSED_HOLD_S if shared else 0.0)
-                        )
-                        tasks.add(held)
-                        held.add_done_callback(tasks.discard)
-                        return
-                task = asyncio.create_task(_guarded(runner, message))
+                        return requeue(PAUSED_HOLD_S if shared else 0.0)
+                return await runner.handle(message)
+
+            run_job = consumer(handle, _on_job_error)
+
+            async def on_job(message: AbstractIncomingMessage) -> None:
+                task = asyncio.create_task(run_job(message))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 

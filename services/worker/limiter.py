@@ -37,9 +37,9 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -48,9 +48,10 @@ from conveyor.core.config import Settings
 from conveyor.core.metrics import PROVIDER_THROTTLED, RATE_LIMIT_WAIT, ModelNames
 from conveyor.core.telemetry import tracer
 from conveyor.db.buckets import BucketStore, Definition, LocalBudget
-from conveyor.db.engine import is_transient
+from conveyor.db.engine import retry_transient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DIMENSIONS = ("requests", "input_tokens", "output_tokens")
 CONFIG_KEYS = {
@@ -65,6 +66,7 @@ HEADER_NAMES = {
     "output_tokens": "output-tokens",
 }
 DB_RETRY_S = 0.5
+"""The pause between reads of the buckets while Postgres is unreachable."""
 LOW_WATER = 0.1
 """A `-remaining` below this share of the limit lowers the bucket to it."""
 CLAMP_EVERY_S = 1.0
@@ -226,15 +228,7 @@ class ProviderLimiter:
         A model neither known nor allowed takes the `other` budget.
         """
         model = self.names(model)
-        while True:
-            try:
-                state = await self._model(model)
-                break
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("rate limits unavailable; waiting", extra={"error": repr(exc)})
-                await asyncio.sleep(DB_RETRY_S)
+        state = await self._retrying(lambda: self._model(model))
         permit = Permit(
             model=model,
             input_tokens=estimate_input_tokens(body),
@@ -287,13 +281,7 @@ class ProviderLimiter:
                     budget.spend(needs)
                     break
                 else:
-                    try:
-                        wait = await budget.fill(needs)
-                    except Exception as exc:
-                        if not is_transient(exc):
-                            raise
-                        log.warning("rate limits unavailable; waiting", extra={"error": repr(exc)})
-                        wait = DB_RETRY_S
+                    wait = await self._retrying(lambda: budget.fill(needs))
                     if wait <= 0:
                         continue
                 if span is None:
@@ -305,6 +293,13 @@ class ProviderLimiter:
         if span is not None:
             span.end()
             RATE_LIMIT_WAIT.labels(permit.model).observe(time.monotonic() - began)
+
+    @staticmethod
+    async def _retrying(op: Callable[[], Awaitable[T]]) -> T:
+        """Run a read or take of the buckets, waiting while Postgres is unreachable."""
+        return await retry_transient(
+            op, message="rate limits unavailable; waiting", first_s=DB_RETRY_S, max_s=DB_RETRY_S
+        )
 
     async def observe(self, permit: Permit, headers: Mapping[str, str] | None) -> None:
         """Learn from an answer's rate-limit headers; ends a probe."""

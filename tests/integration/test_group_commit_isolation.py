@@ -24,6 +24,7 @@ from conveyor.client import ConveyorClient, InvalidArgument, ResourceExhausted
 from conveyor.contract.validation import validate_submit
 from conveyor.core.config import Settings
 from conveyor.core.errors import InvalidArgument as ServerInvalidArgument
+from conveyor.core.lifecycle import Job
 from conveyor.db import jobs as db_jobs
 from conveyor.db.engine import create_engine, is_data_error
 from conveyor.v1 import jobs_pb2
@@ -72,7 +73,7 @@ async def test_one_bad_row_fails_only_its_own_submit_in_a_shared_insert(
     inserts = GroupInsert(engine, statements=1, interval_s=0.3)
     real_insert = db_jobs.insert_jobs
 
-    async def counting(*args: Any) -> list[db_jobs.Row]:
+    async def counting(*args: Any) -> list[Job]:
         statements.append(len(args[1]))
         return await real_insert(*args)
 
@@ -95,12 +96,12 @@ async def test_one_bad_row_fails_only_its_own_submit_in_a_shared_insert(
 
 
 class _Queue:
-    async def enqueue(self, rows: list[db_jobs.Row]) -> None:
+    async def enqueue(self, jobs: list[Job]) -> None:
         return None
 
 
 class _Events:
-    async def publish_statuses(self, rows: list[db_jobs.Row], previous: str | None) -> None:
+    async def publish_statuses(self, jobs: list[Job], previous: str | None) -> None:
         return None
 
 

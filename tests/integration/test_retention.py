@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.client import ConveyorClient, FailedPrecondition, InvalidArgument, NotFound
-from conveyor.db.operations import set_retention
+from conveyor.db.retention import set_retention
 from conveyor.v1 import jobs_pb2
 from tests.conftest import TenantClient, eventually, finished
 from tests.stack import Backing, Stack

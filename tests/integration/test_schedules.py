@@ -20,7 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.client import ConveyorClient, InvalidArgument, NotFound
-from conveyor.v1 import jobs_pb2, schedules_pb2, schedules_pb2_grpc
+from conveyor.v1 import jobs_pb2, schedules_pb2
 from devtools import devstack
 from services.dispatcher.schedules import SCHEDULE_LABEL
 from tests.conftest import TenantClient, eventually, finished
@@ -135,9 +135,7 @@ async def test_a_bad_schedule_is_refused_naming_the_field_and_nothing_is_stored(
     tenant = f"sched-bad-{uuid.uuid4().hex[:8]}"
     async with tenant_client(tenant) as client:
         with pytest.raises(InvalidArgument) as refused:
-            await client._gateway_unary(
-                schedules_pb2_grpc.ScheduleServiceStub, "CreateSchedule", request
-            )
+            await client._call(client._schedules.CreateSchedule, request)
     assert refused.value.field_violations[0][0] == field, refused.value.details
     assert await stored_schedules(db, tenant) == 0
 

@@ -19,7 +19,7 @@ from conveyor.core.config import ConfigError, Settings
 from conveyor.core.errors import Unauthenticated
 from conveyor.core.metrics import OTHER_MODEL, ModelNames, sdk_models
 from conveyor.db import tenants as tenants_db
-from conveyor.llm.provider import check_provider
+from conveyor.llm.provider import check_provider, simulator_headers
 from conveyor.server.auth import Authenticator, generate_key, hash_key
 from conveyor.server.runtime import (
     MIN_RECEIVE_BYTES,
@@ -28,7 +28,7 @@ from conveyor.server.runtime import (
     max_request_bytes,
 )
 from conveyor.v1 import jobs_pb2
-from services.worker.runner import JobRunner, simulator_headers
+from services.worker.runner import JobRunner
 
 WIDE = "\U0001f600"  # 4 bytes in UTF-8: the most a character of a limit can take
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import uuid
 from datetime import UTC, datetime
@@ -18,7 +19,8 @@ from conveyor.bus.events import delta_runs, shape_of
 from conveyor.cli import build_parser, build_submit_request, format_blocks, job_dict
 from conveyor.client import _jsonable, content_blocks, message_of
 from conveyor.contract.convert import job_to_proto
-from conveyor.db.jobs import new_row
+from conveyor.core.lifecycle import Job, JobState
+from conveyor.db.jobs import as_stored
 from conveyor.llm.provider import MessageBuilder, create_arguments
 from conveyor.v1 import events_pb2 as ev
 from tests import bodies
@@ -194,7 +196,7 @@ def test_the_sdk_gets_every_key_of_the_body_named_ones_as_arguments() -> None:
 # ------------------------------------------------------------------- stored and shown
 
 
-def _row(**values: Any) -> dict[str, Any]:
+def _row(**values: Any) -> Job:
     from conveyor.db.jobs import NewJob
 
     job = NewJob(
@@ -208,9 +210,9 @@ def _row(**values: Any) -> dict[str, Any]:
         request_hash="h",
         id=uuid.uuid4(),
     )
-    row = dict(new_row(job, datetime.now(UTC)))
-    row.update(values)
-    return row
+    if "status" in values:
+        values["status"] = JobState(values["status"])
+    return dataclasses.replace(as_stored(job, datetime.now(UTC)), **values)
 
 
 RESULT = {
@@ -339,16 +341,17 @@ def test_a_webhook_body_carries_the_whole_final_message() -> None:
     from conveyor.server.webhooks import job_json
 
     row = _row(status="succeeded", result=RESULT, stop_reason="tool_use", input_tokens=1)
-    out = job_json(row)
+    out = job_json(dataclasses.asdict(row))
     assert out["result"] == RESULT and out["stop_reason"] == "tool_use"
-    assert job_json(_row())["result"] is None
+    assert job_json(dataclasses.asdict(_row()))["result"] is None
 
 
 def test_a_workers_answer_for_a_late_watcher_holds_every_kind_and_block() -> None:
     """The text so far that a notifier asks a worker for (conveyor.bus.catchup) is made of
     the deltas as published: kinds, block indexes and first blocks included."""
     from conveyor.bus.catchup import TextSoFar
-    from services.worker.runner import InFlight, JobRunner
+    from services.worker.inflight import InFlight
+    from services.worker.runner import JobRunner
 
     job_id = uuid.uuid4()
     entry = InFlight(job_id=job_id, lease=uuid.uuid4(), attempt=1, base_seq=10)
@@ -369,7 +372,16 @@ def test_a_workers_answer_for_a_late_watcher_holds_every_kind_and_block() -> Non
     assert found is not None
     base, deltas = found
     answer = TextSoFar(str(job_id), 1, base, orjson.loads(orjson.dumps(deltas)))
-    got = [(seq, d.kind, d.index, d.text, bool(d.block_json)) for seq, d in answer.after(10)]
+    got = [
+        (
+            e.sequence,
+            e.token_delta.kind,
+            e.token_delta.index,
+            e.token_delta.text,
+            bool(e.token_delta.block_json),
+        )
+        for e in answer.events("t", 10)
+    ]
     assert got == [
         (12, ev.DELTA_KIND_THINKING, 0, "Hmm.", True),
         (13, ev.DELTA_KIND_SIGNATURE, 0, "sig", False),

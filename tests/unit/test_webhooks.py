@@ -9,14 +9,12 @@ import hmac
 import json
 import socket
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
-from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from conveyor.core.config import Settings
 from conveyor.core.lifecycle import backoff_s
 from conveyor.server.webhooks import (
     SecretBox,
@@ -30,7 +28,7 @@ from conveyor.server.webhooks import (
     verify_signature,
     webhook_body,
 )
-from services.notifier.webhooks import WebhookSender, address_key
+from services.notifier.webhook_hosts import HostKeys, address_key
 
 SECRET = secret_text(b"unit-test-secret-of-32-bytes!!!!")
 OTHER = secret_text(b"another tenant's secret 32 bytes")
@@ -238,7 +236,7 @@ class FakeResolver(AbstractResolver):
 
 
 async def test_the_per_host_cap_counts_names_of_one_address_as_one_host() -> None:
-    sender = WebhookSender(Settings(), cast(AsyncEngine, None), "unit")
+    hosts = HostKeys()
     resolver = FakeResolver(
         {
             "a.evil.example": ["203.0.113.7"],
@@ -247,15 +245,15 @@ async def test_the_per_host_cap_counts_names_of_one_address_as_one_host() -> Non
             "shop.example": ["198.51.100.1", "198.51.100.2"],
         }
     )
-    sender.resolver = resolver
-    keys: dict[str, Any] = {h: await sender.host_key(h) for h in resolver.table}
+    hosts.resolver = resolver
+    keys: dict[str, Any] = {h: await hosts.key(h) for h in resolver.table}
 
     assert keys["a.evil.example"] == keys["b.evil.example"] == keys["c.other.example"]
-    assert keys["a.evil.example"] == await sender.host_key("203.0.113.7")
+    assert keys["a.evil.example"] == await hosts.key("203.0.113.7")
     assert keys["shop.example"] == "198.51.100.1"
-    assert await sender.host_key("nowhere.example") == "nowhere.example"
+    assert await hosts.key("nowhere.example") == "nowhere.example"
     lookups = resolver.lookups
-    await sender.host_key("a.evil.example")
+    await hosts.key("a.evil.example")
     assert resolver.lookups == lookups, "kept for a while, as aiohttp's DNS cache does"
 
 

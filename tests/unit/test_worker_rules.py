@@ -16,8 +16,10 @@ from anthropic._streaming import SSEDecoder
 from conveyor.bus.broker import JobMessage
 from conveyor.core.config import Settings
 from conveyor.core.lifecycle import backoff_s
+from conveyor.db.engine import retry_transient
 from conveyor.llm.provider import classify, sse_events
-from services.worker.runner import InFlight, JobRunner, lease_hold_s
+from services.worker.inflight import InFlight, lease_hold_s
+from services.worker.runner import JobRunner
 
 
 def _status_error(
@@ -160,3 +162,26 @@ async def test_only_calls_whose_lease_was_not_renewed_in_time_are_aborted() -> N
     assert fresh.task is not None and not fresh.task.done()
     assert runner.abort_unrenewed(hold_s=60) == 0, "an aborted call is aborted once"
     fresh.task.cancel()
+
+
+async def test_database_operations_are_retried_while_the_database_is_away_and_only_then() -> None:
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("server closed the connection")
+        return "done"
+
+    assert await retry_transient(flaky, first_s=0.0) == "done" and len(calls) == 3
+
+    async def refused() -> None:
+        raise ValueError("not a database outage")
+
+    with pytest.raises(ValueError):
+        await retry_transient(refused, first_s=0.0)
+
+    calls.clear()
+    with pytest.raises(ConnectionError, match="while stopping"):
+        await retry_transient(flaky, first_s=0.0, stopping=lambda: True)
+    assert len(calls) == 1, "a stopping process does not wait for the database"

@@ -1,17 +1,10 @@
-"""Property: no request, however hostile, gets INTERNAL or UNKNOWN, and a refused
-request writes nothing.
+"""What the property tests share: the live services as a module's own tenant with its
+"anchor" jobs (`target`, a fixture through `conftest.py`), a check that a request
+gets neither INTERNAL nor UNKNOWN and that a refusal writes nothing, and the
+strategies of hostile field values and requests.
 
-Hypothesis builds requests of every JobService and JobEvents RPC from the proto
-messages, with hostile field values (huge, negative, NUL, any unicode, bad ids,
-extreme timestamps and durations), and random bytes as raw request bodies, and sends
-them to the stack's live gateway and notifier (over 2,000 requests in all). Each
-request runs as a tenant of this module's own; before and after it, the test counts
-that tenant's jobs and the history rows of its "anchor" jobs (scheduled a day ahead,
-so no worker touches them, and the targets of most id-taking requests): a refused
-request must leave both as they were.
-
-Streams are read for a moment only (a short deadline: DEADLINE_EXCEEDED is a fine
-answer for a watch of a job that keeps running).
+The tests: `test_properties_job_service.py` and
+`test_properties_job_events_and_raw_bytes.py` (over 2,000 requests in all).
 """
 
 from __future__ import annotations
@@ -26,18 +19,15 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from conveyor.db.admin import create_api_key
 from conveyor.db.engine import create_engine
-from conveyor.v1 import events_pb2, events_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.stack import Backing, Stack
-
-pytestmark = pytest.mark.integration
 
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 TOO_LARGE = "message larger than max"
@@ -206,6 +196,7 @@ def _stream(call: Any, request: Any, metadata: list[tuple[str, str]]) -> Answer:
 
 # --------------------------------------------------------------------------- strategies
 
+
 CHARS = st.characters(codec="utf-8")  # protobuf strings are UTF-8: no lone surrogates
 HUGE = st.sampled_from([257, 2_049, 70_000, 1_000_001]).map(lambda n: "x" * n)
 TEXT = st.one_of(
@@ -334,13 +325,6 @@ def submit_requests(draw: st.DrawFn) -> jobs_pb2.SubmitJobRequest:
     return req
 
 
-def _is_anchor(target: Target, job_id: str) -> bool:
-    try:
-        return str(uuid.UUID(job_id)) in target.anchors
-    except ValueError:
-        return False
-
-
 @st.composite
 def job_ids(draw: st.DrawFn, target: Target) -> str:
     return draw(
@@ -351,172 +335,3 @@ def job_ids(draw: st.DrawFn, target: Target) -> str:
             st.sampled_from([a.upper() for a in target.anchors] + ["{" + target.anchors[0] + "}"]),
         )
     )
-
-
-def _page_tokens() -> st.SearchStrategy[str]:
-    import base64
-
-    def token(created: str) -> str:
-        return base64.urlsafe_b64encode(f"{created}|{uuid.uuid4()}".encode()).decode()
-
-    return st.one_of(
-        TEXT,
-        st.sampled_from(
-            [
-                "0001-01-01T00:00:00+14:00",
-                "9999-12-31T23:59:59-14:00",
-                "2026-01-01T00:00:00",
-                "2026-01-01T00:00:00+00:00",
-                "-infinity",
-            ]
-        ).map(token),
-        st.binary(max_size=40).map(lambda b: base64.urlsafe_b64encode(b).decode()),
-    )
-
-
-# --------------------------------------------------------------------------- properties
-
-
-@settings(RUN, max_examples=450)
-@given(data=st.data())
-def test_submit_job_never_answers_internal_or_unknown(target: Target, data: st.DataObject) -> None:
-    req = data.draw(submit_requests())
-    stub = jobs_pb2_grpc.JobServiceStub(target.gateway)
-    before = target.written()
-    code = _check(target, lambda: _unary(stub.SubmitJob, req, target.member), req)
-    if code == grpc.StatusCode.OK:
-        assert target.written()[0] in (before[0], before[0] + 1)  # new, or a replay
-
-
-@settings(RUN, max_examples=150)
-@given(data=st.data())
-def test_submit_jobs_never_answers_internal_or_unknown(target: Target, data: st.DataObject) -> None:
-    jobs = data.draw(
-        st.one_of(
-            st.lists(submit_requests(), max_size=4),
-            st.sampled_from([0, 501]).map(lambda n: [_valid_submit() for _ in range(n)]),
-        )
-    )
-    req = jobs_pb2.SubmitJobsRequest(jobs=jobs)
-    stub = jobs_pb2_grpc.JobServiceStub(target.gateway)
-    _check(target, lambda: _unary(stub.SubmitJobs, req, target.member), f"{len(jobs)} jobs")
-
-
-@settings(RUN, max_examples=300)
-@given(data=st.data())
-def test_reads_never_answer_internal_or_unknown(target: Target, data: st.DataObject) -> None:
-    stub = jobs_pb2_grpc.JobServiceStub(target.gateway)
-    job_id = data.draw(job_ids(target))
-    method = data.draw(st.sampled_from(["GetJob", "RetryJob", "GetJobHistory"]))
-    request: Message = {
-        "GetJob": jobs_pb2.GetJobRequest,
-        "RetryJob": jobs_pb2.RetryJobRequest,
-        "GetJobHistory": jobs_pb2.GetJobHistoryRequest,
-    }[method](id=job_id)
-    key = data.draw(st.sampled_from([target.member, target.admin]))
-    _check(target, lambda: _unary(getattr(stub, method), request, key), request)
-
-
-@settings(RUN, max_examples=300)
-@given(data=st.data())
-def test_list_jobs_never_answers_internal_or_unknown(target: Target, data: st.DataObject) -> None:
-    req = jobs_pb2.ListJobsRequest(
-        statuses=cast(Any, data.draw(st.lists(st.integers(-3, 10), max_size=3))),
-        lane=data.draw(st.one_of(st.just(""), TEXT, st.just("bulk"))),
-        labels=data.draw(st.one_of(st.just({}), MAPS)),
-        page_size=data.draw(INT32),
-        page_token=data.draw(st.one_of(st.just(""), _page_tokens())),
-        view=cast(Any, data.draw(st.one_of(st.sampled_from([0, 1, 2]), INT32))),
-    )
-    if data.draw(st.booleans()):
-        req.created_after.CopyFrom(data.draw(TIMESTAMPS))
-    if data.draw(st.booleans()):
-        req.created_before.CopyFrom(data.draw(TIMESTAMPS))
-    stub = jobs_pb2_grpc.JobServiceStub(target.gateway)
-    _check(target, lambda: _unary(stub.ListJobs, req, target.member), req)
-
-
-@settings(RUN, max_examples=200)
-@given(data=st.data())
-def test_cancel_job_never_answers_internal_or_unknown(target: Target, data: st.DataObject) -> None:
-    # Cancel requests for the anchors carry a bad reason (a good one would cancel them).
-    job_id = data.draw(job_ids(target))
-    reason = data.draw(st.one_of(st.just("\x00"), st.just("r" * 1025), TEXT))
-    if _is_anchor(target, job_id) and "\x00" not in reason and len(reason) <= 1024:
-        reason += "\x00"
-    req = jobs_pb2.CancelJobRequest(id=job_id, reason=reason)
-    stub = jobs_pb2_grpc.JobServiceStub(target.gateway)
-    _check(target, lambda: _unary(stub.CancelJob, req, target.member), req)
-
-
-@settings(RUN, max_examples=100)
-@given(data=st.data())
-def test_get_stats_never_answers_internal_or_unknown(target: Target, data: st.DataObject) -> None:
-    req = jobs_pb2.GetStatsRequest(
-        tenant=data.draw(st.one_of(st.just(""), st.just(target.tenant), TEXT)),
-        all_tenants=data.draw(st.booleans()),
-    )
-    key = data.draw(st.sampled_from([target.member, target.admin]))
-    stub = jobs_pb2_grpc.JobServiceStub(target.gateway)
-    _check(target, lambda: _unary(stub.GetStats, req, key), req)
-
-
-@settings(RUN, max_examples=120)
-@given(data=st.data())
-def test_watch_job_never_answers_internal_or_unknown(target: Target, data: st.DataObject) -> None:
-    req = events_pb2.WatchJobRequest(id=data.draw(job_ids(target)), after_sequence=data.draw(INT64))
-    if data.draw(st.booleans()):
-        req.progress_interval.CopyFrom(data.draw(DURATIONS))
-    stub = events_pb2_grpc.JobEventsStub(target.notifier)
-    _check(target, lambda: _stream(stub.WatchJob, req, target.member), req)
-
-
-@settings(RUN, max_examples=120)
-@given(data=st.data())
-def test_watch_jobs_never_answers_internal_or_unknown(target: Target, data: st.DataObject) -> None:
-    req = events_pb2.WatchJobsRequest(
-        ids=data.draw(st.lists(job_ids(target), max_size=3)),
-        labels=data.draw(st.one_of(st.just({}), MAPS)),
-        after_sequences=data.draw(
-            st.dictionaries(st.one_of(st.sampled_from(target.anchors), TEXT), INT64, max_size=3)
-        ),
-        token_deltas=data.draw(st.booleans()),
-    )
-    if data.draw(st.booleans()):
-        req.progress_interval.CopyFrom(data.draw(DURATIONS))
-    stub = events_pb2_grpc.JobEventsStub(target.notifier)
-    _check(target, lambda: _stream(stub.WatchJobs, req, target.member), req)
-
-
-def _methods() -> list[tuple[str, str, bool]]:
-    out = []
-    for service, where in (
-        (jobs_pb2.DESCRIPTOR.services_by_name["JobService"], "gateway"),
-        (events_pb2.DESCRIPTOR.services_by_name["JobEvents"], "notifier"),
-    ):
-        for m in service.methods:
-            out.append((where, f"/{service.full_name}/{m.name}", m.server_streaming))
-    return out
-
-
-METHODS = _methods()
-
-
-@settings(RUN, max_examples=450)
-@given(
-    method=st.sampled_from(METHODS),
-    body=st.one_of(
-        st.binary(max_size=64), st.binary(min_size=1, max_size=4).map(lambda b: b * 300)
-    ),
-)
-def test_random_bytes_as_a_request_body_never_answer_internal_or_unknown(
-    target: Target, method: tuple[str, str, bool], body: bytes
-) -> None:
-    where, path, streaming = method
-    channel = target.gateway if where == "gateway" else target.notifier
-    if streaming:
-        call = channel.unary_stream(path)
-        _check(target, lambda: _stream(call, body, target.member), (path, body))
-    else:
-        unary = channel.unary_unary(path)
-        _check(target, lambda: _unary(unary, body, target.member), (path, body))

@@ -1,0 +1,8 @@
+"""`python -m bench.chaos` (`make chaos`)."""
+
+import sys
+
+from .run import main
+
+if __name__ == "__main__":
+    sys.exit(main())
