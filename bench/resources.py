@@ -99,8 +99,19 @@ def _parent_is(ppid: int, comm: str) -> bool:
 
 
 def rabbit_pid() -> int | None:
+    """The RabbitMQ node's Erlang VM: the oldest `beam.smp` (a `rabbitmqctl` call runs
+    one of its own for a moment, which must not be measured instead)."""
     pids = pids_named("beam.smp")
-    return pids[0] if pids else None
+    return min(pids, key=_start_ticks) if pids else None
+
+
+def _start_ticks(pid: int) -> int:
+    """When the process started, in clock ticks since boot (/proc/<pid>/stat field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 1 << 62
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 class ResourceMeter:

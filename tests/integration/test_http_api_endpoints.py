@@ -148,6 +148,11 @@ async def test_generated_requests_never_get_a_5xx_and_every_answer_matches_the_s
             "--workers",
             "1",
             "--no-shrink",
+            # Hypothesis gives up on an operation when its generator discards too many
+            # candidates (it happened for a path parameter now and then): a limit of
+            # the generator, not an answer of the API.
+            "--suppress-health-check",
+            "filter_too_much",
         ],
         capture_output=True,
         text=True,
