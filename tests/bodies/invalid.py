@@ -41,7 +41,6 @@ def _with(base: Body, **changes: Any) -> Body:
 
 
 _TOOLS = body(_ASK, tools=[WEATHER_TOOL])
-_IMG = body(user(text("see"), image("image/png", PNG_B64)))
 
 INVALID: list[Bad] = [
     Bad(

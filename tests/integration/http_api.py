@@ -14,7 +14,6 @@ import pytest
 from tests.stack import Stack
 
 MODEL = "claude-sonnet-4-5"
-TERMINAL = {"JOB_STATUS_SUCCEEDED", "JOB_STATUS_FAILED", "JOB_STATUS_CANCELLED", "JOB_STATUS_DEAD"}
 
 
 def job_body(prompt: str = "hello", **extra: Any) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from conveyor.client import ConveyorClient, InvalidArgument, ResourceExhausted
 from conveyor.contract.validation import validate_submit
 from conveyor.core.config import Settings
-from conveyor.core.errors import InvalidArgument as ServerInvalidArgument
 from conveyor.core.lifecycle import Job
 from conveyor.db import jobs as db_jobs
 from conveyor.db.engine import create_engine, is_data_error
@@ -125,7 +124,7 @@ async def test_the_servicer_answers_a_refused_row_invalid_argument_and_the_rest_
     results = await asyncio.gather(*calls, return_exceptions=True)
     await servicer.close()
     refused = [r for r in results if isinstance(r, BaseException)]
-    assert len(refused) == 1 and isinstance(refused[0], ServerInvalidArgument)
+    assert len(refused) == 1 and isinstance(refused[0], InvalidArgument)
     assert refused[0].field == "request"
     accepted = [r for r in results if not isinstance(r, BaseException)]
     assert len(accepted) == 50
