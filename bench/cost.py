@@ -1,8 +1,9 @@
 """cost: CPU milliseconds per completed job, per service and in total.
 
 `cost_jobs` jobs go the whole way — SubmitJob from 50 clients, the worker runs
-them against the simulator at 0 ms (24 tokens, each a delta event), the notifier
-receives every event — and the CPU time (utime + stime from /proc) each process
+them against the simulator at 0 ms (24 tokens), the notifier receives every status
+event (nobody watches these jobs, so the worker publishes no token delta: see
+services/worker/interest.py) — and the CPU time (utime + stime from /proc) each process
 spent from the first submit until a second after the last job finished is divided
 by the jobs. RabbitMQ and Postgres are measured whole (they are shared with
 anything else running on this machine); the simulator and the benchmark client

@@ -12,7 +12,8 @@ reproduced:
 - aio-pika publish: CPU per persistent message with confirm, in the publisher and
   in RabbitMQ (a durable priority queue like a lane's, in a vhost of its own);
 - Postgres: CPU per job of the gateway's INSERT (with the job's history row and
-  the triggers), one job per statement and 50; and the client's CPU per small
+  the triggers), one job per statement and 50; of a claim's and a finish's status
+  UPDATEs (with the triggers), one job per statement and 50; and the client's CPU per small
   statement through SQLAlchemy's Connection against the pool's asyncpg connection
   itself (conveyor.db.engine.fetch, used on every job's path);
 - anthropic SDK: CPU per streamed call against the simulator at 0 ms, beside a
@@ -235,7 +236,66 @@ async def postgres_floors(database_url: str, rows: int) -> dict[str, float]:
             out[f"Postgres CPU per job, INSERTs of {batch} job(s) each"] = pg_us
     finally:
         await pool.close()
+    out |= await _status_floors(database_url, rows)
     return out | await _client_statement_floors(database_url, rows)
+
+
+# A claim and a finish reduced to their status change (no history rows, no lease
+# check): what Postgres spends per job on the row, its indexes and the jobs triggers.
+_CLAIM_LIKE = (
+    "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_id = gen_random_uuid(),"
+    " heartbeat_at = now(), started_at = now(), updated_at = now(), seq = seq + 1"
+    " WHERE id = ANY($1::uuid[]) AND status = 'pending'"
+)
+_FINISH_LIKE = (
+    "UPDATE jobs SET status = 'succeeded', result_text = 'Hi', input_tokens = 10,"
+    " output_tokens = 20, finished_at = now(), lease_id = NULL, heartbeat_at = NULL,"
+    " updated_at = now(), seq = seq + 1 WHERE id = ANY($1::uuid[]) AND status = 'running'"
+)
+
+
+async def _status_floors(database_url: str, rows: int) -> dict[str, float]:
+    """Postgres CPU per job of its two status UPDATEs (claim, finish), one job per
+    statement and 50, over 4 connections."""
+    url = database_url.replace("+asyncpg", "")
+    pool = await asyncpg.create_pool(url, min_size=4, max_size=4)
+    out: dict[str, float] = {}
+    try:
+        for batch in (1, 50):
+            jobs = [
+                db.NewJob(
+                    tenant="default",
+                    model=MODEL,
+                    request={"max_tokens": 64, "messages": []},
+                    lane="default",
+                    priority=0,
+                    max_attempts=3,
+                    timeout_ms=600_000,
+                    request_hash="0" * 64,
+                )
+                for _ in range(rows)
+            ]
+            for i in range(0, rows, 500):
+                chunk = jobs[i : i + 500]
+                params = db.insert_params(chunk, ["floors"] * len(chunk), datetime.now(UTC))
+                await pool.fetch(db._INSERT, *params)
+            groups = [[j.id for j in jobs[i : i + batch]] for i in range(0, rows, batch)]
+
+            async def run(groups: list[list[uuid.UUID]] = groups) -> None:
+                sem = asyncio.Semaphore(4)
+
+                async def go(stmt: str, ids: list[uuid.UUID]) -> None:
+                    async with sem:
+                        await pool.execute(stmt, ids)
+
+                for stmt in (_CLAIM_LIKE, _FINISH_LIKE):
+                    await asyncio.gather(*(go(stmt, ids) for ids in groups))
+
+            _, pg_us = await _per_call_us(rows, run, postgres_ticks)
+            out[f"Postgres CPU per job, claim and finish UPDATEs of {batch} job(s) each"] = pg_us
+    finally:
+        await pool.close()
+    return out
 
 
 async def _client_statement_floors(database_url: str, statements: int) -> dict[str, float]:

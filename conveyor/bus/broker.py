@@ -7,7 +7,8 @@ conveyor.dlx (fanout) ─────────▶ conveyor.dead          (dis
 (default exchange) ────────────▶ conveyor.webhooks      (durable; webhook deliveries,
                                                          consumed by the notifiers)
 conveyor.events (topic, job.<status|delta>.<tenant>) ──▶ one queue per notifier
-                (control.cancel.<tenant>, control.text.<tenant>, control.tenant.<tenant>,
+                (control.cancel.<tenant>, control.text.<tenant>, control.unwatch.<tenant>,
+                 control.interest.<tenant>, control.tenant.<tenant>,
                  control.tenants.query) ──▶ one control queue per worker / publisher
 ```
 
@@ -37,9 +38,10 @@ redeclare it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -55,6 +57,10 @@ from aio_pika.abc import (
     DeliveryMode,
     ExchangeType,
 )
+from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
 
 from conveyor.bus.control import publish_control
 
@@ -285,6 +291,164 @@ async def publish_job(
     )
 
 
+@dataclass(frozen=True)
+class JobPublish:
+    """One job's message and where it goes (`publish_jobs`)."""
+
+    message: JobMessage
+    routing_key: str
+    priority: int
+    headers: dict[str, Any]
+
+
+class Unroutable(Exception):
+    """The broker returned a job's message: no queue is bound to its routing key."""
+
+
+PUBLISH_CHUNK = 500
+"""Messages written to the socket together at most."""
+
+
+async def publish_jobs(
+    exchange: AbstractExchange, jobs: Sequence[JobPublish], timeout_s: float | None = None
+) -> list[BaseException | None]:
+    """Publish jobs (persistent, mandatory) and wait for the broker's confirms; for each
+    job, None once confirmed, else why not (the error, a TimeoutError after `timeout_s`,
+    `Unroutable`).
+
+    The messages of up to PUBLISH_CHUNK jobs are written to the socket together, with
+    one drain and one timer: aiormq's `basic_publish` takes the channel lock, a timer,
+    a write and a drain per message, which cost a busy gateway more than anything else
+    it does per job. Delivery tags and confirms are kept as `basic_publish` keeps them,
+    so both can publish on the same channel; a channel that is not aiormq's with
+    confirms (never the case here) publishes message by message.
+    """
+    if not jobs:
+        return []
+    channel = None
+    if isinstance(exchange, aio_pika.Exchange):
+        try:
+            channel = await exchange.channel.get_underlay_channel()
+        except Exception as exc:  # closed, or never opened
+            return [exc] * len(jobs)
+    if not isinstance(channel, aiormq.Channel) or not channel.publisher_confirms:
+        return list(
+            await asyncio.gather(
+                *(_publish_one(exchange, job, timeout_s) for job in jobs), return_exceptions=True
+            )
+        )
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+    results: list[BaseException | None] = [None] * len(jobs)
+    confirms: list[tuple[int, asyncio.Future[Any]]] = []
+    for start in range(0, len(jobs), PUBLISH_CHUNK):
+        chunk = jobs[start : start + PUBLISH_CHUNK]
+        try:
+            async with asyncio.timeout_at(deadline):
+                futures = await _write_jobs(channel, exchange.name, chunk)
+        except Exception as exc:  # not written, or not known to be: the outbox's
+            results[start : start + len(chunk)] = [exc] * len(chunk)
+            continue
+        confirms.extend(enumerate(futures, start))
+    if confirms:
+        remaining = None if deadline is None else max(0.0, deadline - loop.time())
+        await asyncio.wait([f for _, f in confirms], timeout=remaining)
+    # A confirm still due is left to come (or to fail with the channel), not cancelled:
+    # aiormq answers a returned message on its future whatever the future's state.
+    for i, future in confirms:
+        if not future.done():
+            results[i] = TimeoutError(f"no confirm within {timeout_s} s")
+        elif future.cancelled():
+            results[i] = asyncio.CancelledError()
+        elif (error := future.exception()) is not None:
+            results[i] = error
+        elif not isinstance(future.result(), spec.Basic.Ack):  # returned: unroutable
+            results[i] = Unroutable(f"no queue is bound to {jobs[i].routing_key!r}")
+    return results
+
+
+async def _publish_one(
+    exchange: AbstractExchange, job: JobPublish, timeout_s: float | None
+) -> None:
+    await publish_job(
+        exchange,
+        job.message,
+        lane="",
+        priority=job.priority,
+        headers=job.headers,
+        routing_key=job.routing_key,
+        timeout_s=timeout_s,
+    )
+
+
+async def _write_jobs(
+    channel: aiormq.Channel, exchange: str, jobs: Sequence[JobPublish]
+) -> list[asyncio.Future[Any]]:
+    """Write the jobs' messages to the channel in one frame of frames and wait for the
+    write's drain; their confirms' futures, in order (what `basic_publish` does for one
+    message, for many: see aiormq's `Channel.basic_publish`)."""
+    frames: list[Any] = []
+    ids: list[str] = []
+    for job in jobs:
+        body = job.message.encode()
+        if len(body) >= channel.max_content_size:  # a job pointer is ~80 bytes
+            raise ValueError("a job message larger than a frame")
+        message_id = str(job.message.job_id)
+        ids.append(message_id)
+        properties = spec.Basic.Properties(
+            content_type=JOB_CONTENT_TYPE,
+            delivery_mode=DeliveryMode.PERSISTENT.value,
+            priority=job.priority,
+            message_id=message_id,
+            headers=job.headers,
+        )
+        frames.append(
+            spec.Basic.Publish(exchange=exchange, routing_key=job.routing_key, mandatory=True)
+        )
+        frames.append(ContentHeader(properties=properties, body_size=len(body)))
+        frames.append(ContentBody(body))
+    drained: asyncio.Future[Any] = channel.create_future()
+    payload = ChannelFrame.marshall(channel.number, frames, drained)
+    async with channel.lock:
+        first = channel.delivery_tag + 1
+        futures: list[asyncio.Future[Any]] = []
+        for tag, message_id in enumerate(ids, first):
+            future: asyncio.Future[Any] = channel.create_future()
+            channel.confirmations[tag] = future
+            channel.message_id_delivery_tag[message_id] = tag
+            futures.append(future)
+        channel.delivery_tag = first + len(ids) - 1
+        sent = False
+        try:
+            await channel.write_queue.put(payload)
+            sent = True
+            for tag, (message_id, future) in enumerate(zip(ids, futures, strict=True), first):
+                future.add_done_callback(_forget(channel, message_id, tag))
+            await drained
+        except BaseException:
+            if not sent:  # the broker never saw them: their tags are reused
+                channel.delivery_tag = first - 1
+                for tag, message_id in enumerate(ids, first):
+                    channel.confirmations.pop(tag, None)
+                    if channel.message_id_delivery_tag.get(message_id) == tag:
+                        del channel.message_id_delivery_tag[message_id]
+                for future in futures:
+                    future.cancel()
+            drained.cancel()
+            raise
+    return futures
+
+
+def _forget(channel: aiormq.Channel, message_id: str, tag: int) -> Callable[[Any], None]:
+    """Drop a message id's delivery tag once its confirm is in (as `basic_publish` does)."""
+
+    def forget(_: Any) -> None:
+        if channel.message_id_delivery_tag.get(message_id) == tag:
+            del channel.message_id_delivery_tag[message_id]
+
+    return forget
+
+
 def cancel_routing_key(tenant: str) -> str:
     """Routing key of the control message asking workers to abort a running job."""
     return f"control.cancel.{tenant}"
@@ -322,12 +486,27 @@ async def ask_for_tenants(events: AbstractExchange) -> None:
 
 
 TEXT_REQUEST_BINDING = "control.text.#"
-"""Workers bind this: a notifier asks for the text so far of a running attempt."""
+"""Workers bind this: a notifier asks for the text so far of a running attempt (and
+registers its watch of that attempt: conveyor.bus.catchup)."""
+UNWATCH_BINDING = "control.unwatch.#"
+"""Workers bind this: a notifier no longer watches an attempt."""
+INTEREST_BINDING = "control.interest.#"
+"""Workers bind this: a notifier has a tenant-wide watch (a lease on the tenant's deltas)."""
 
 
 def text_request_key(tenant: str) -> str:
     """Routing key of a notifier's request for a running attempt's text so far."""
     return f"control.text.{tenant}"
+
+
+def unwatch_key(tenant: str) -> str:
+    """Routing key of a notifier's release of its watch of an attempt."""
+    return f"control.unwatch.{tenant}"
+
+
+def interest_key(tenant: str) -> str:
+    """Routing key of a notifier's lease on every delta of a tenant."""
+    return f"control.interest.{tenant}"
 
 
 async def on_existing_queues(

@@ -1,18 +1,25 @@
-"""Text so far: a notifier asks the worker running an attempt for that attempt's token
-deltas, when its own buffer does not reach back far enough (it started after the
-attempt did, or trimmed it).
+"""Text so far, and who watches: the notifier's side of the worker's token deltas.
+
+A worker publishes an attempt's token deltas only while a notifier watches it
+(services.worker.interest). The registration is the text-so-far request: a notifier
+that needs an attempt's deltas asks the worker running it (`control.text.<tenant>`,
+bound by each worker's control queue; only the worker holding that attempt
+answers) and names itself; the worker marks the attempt watched and, in the same
+step, publishes the deltas it had not published and answers with every delta so far.
+A request without a reply queue only registers (the notifier saw the RUNNING event
+and receives everything on the bus). `control.unwatch.<tenant>` releases a watch;
+`control.interest.<tenant>` is a lease on every attempt of a tenant (tenant-wide
+watches), repeated while such a watch lasts.
 
 The worker keeps the text of the attempts it runs in memory anyway (it makes the
-result) and notes where each published delta ended, so answering costs it nothing
-on the hot path; nothing is written to Postgres per token. The answer gives the
-deltas exactly as they were published (same pieces, same sequence numbers, built by
-conveyor.bus.events.delta_event), so a stream mixing answered and live deltas is the
-same as a live one. The request goes to every worker on the events exchange
-(`control.text.<tenant>`, bound by each worker's control queue); only the worker
-holding that job's attempt answers, on the notifier's reply queue. The answer holds
-every delta of the attempt up to the moment the worker read it; the notifier's live
-subscription began before the request, so the answer and the live stream overlap
-instead of leaving a gap, and sequence numbers remove the overlap.
+result) and notes where each delta ends, published or not, so answering costs it
+nothing on the hot path; nothing is written to Postgres per token. The answer gives
+the deltas exactly as they are published (same pieces, same sequence numbers, built
+by conveyor.bus.events.delta_event), so a stream mixing answered and live deltas is
+the same as a live one. The answer holds every delta of the attempt up to the moment
+the worker read it; the notifier's live subscription began before the request, and
+every later delta is published, so the answer and the live stream overlap instead of
+leaving a gap, and sequence numbers remove the overlap.
 
 No answer within the timeout means no worker runs that attempt any more (it just
 ended, or its worker is gone): the caller decides from Postgres what that means.
@@ -25,14 +32,21 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, DeliveryMode
 
-from conveyor.bus.broker import TEXT_REQUEST_BINDING, text_request_key
+from conveyor.bus.broker import (
+    INTEREST_BINDING,
+    TEXT_REQUEST_BINDING,
+    UNWATCH_BINDING,
+    interest_key,
+    text_request_key,
+    unwatch_key,
+)
 from conveyor.bus.events import delta_event
 from conveyor.v1 import events_pb2
 
@@ -42,8 +56,22 @@ Delta = tuple[int, str, int, int, str, str]
 """(output_tokens, text, kind, block index, block_json, citation_json) of one delta as
 the worker sent it (see events.proto TokenDelta; the JSON as text): its sequence number
 is the RUNNING event's plus output_tokens."""
-Lookup = Callable[[uuid.UUID, int], tuple[int, list[Delta]] | None]
-"""(job id, attempt) -> (sequence of the attempt's RUNNING event, the deltas it sent so far)."""
+
+
+class Holder(Protocol):
+    """The worker's side: the attempts it runs and who watches them."""
+
+    def text_so_far(
+        self, job_id: uuid.UUID, attempt: int, watcher: str | None = None
+    ) -> tuple[int, list[Delta]] | None:
+        """(sequence of the attempt's RUNNING event, its deltas so far), or None if this
+        worker does not run it; with `watcher`, that notifier now watches it."""
+
+    def unwatch(self, job_id: uuid.UUID, attempt: int, watcher: str) -> None:
+        """The notifier `watcher` no longer watches the attempt."""
+
+    def tenant_interest(self, tenant: str, lease_s: float) -> None:
+        """Publish every attempt of `tenant` for `lease_s` seconds."""
 
 
 @dataclass(frozen=True)
@@ -87,22 +115,35 @@ class TextSoFar:
 
 
 async def serve_text_requests(
-    channel: AbstractChannel, exchange: AbstractExchange, lookup: Lookup
+    channel: AbstractChannel, exchange: AbstractExchange, holder: Holder
 ) -> None:
-    """Answer notifiers' requests for the text so far of attempts this worker runs."""
+    """Answer notifiers' requests for the text so far of attempts this worker runs, and
+    take their watches, releases and tenant leases."""
     queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-    await queue.bind(exchange, TEXT_REQUEST_BINDING)
+    for binding in (TEXT_REQUEST_BINDING, UNWATCH_BINDING, INTEREST_BINDING):
+        await queue.bind(exchange, binding)
 
     async def on_request(message: AbstractIncomingMessage) -> None:
+        key = message.routing_key or ""
         try:
             request = orjson.loads(message.body)
+            if key.startswith("control.interest."):
+                holder.tenant_interest(key.split(".", 2)[2], float(request["lease_s"]))
+                return
             job_id, attempt = uuid.UUID(request["job_id"]), int(request["attempt"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            log.warning("malformed text request dropped")
+            watcher = request.get("watcher")
+            if watcher is not None and not isinstance(watcher, str):
+                raise TypeError("watcher")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            log.warning("malformed control message dropped", extra={"routing_key": key})
             return
-        found = lookup(job_id, attempt)
+        if key.startswith("control.unwatch."):
+            if watcher is not None:
+                holder.unwatch(job_id, attempt, watcher)
+            return
+        found = holder.text_so_far(job_id, attempt, watcher)
         if found is None or not message.reply_to:
-            return  # another worker runs it, or nobody does
+            return  # another worker runs it, nobody does, or a registration only
         base_seq, deltas = found
         body = orjson.dumps(
             {"job_id": str(job_id), "attempt": attempt, "base_seq": base_seq, "deltas": deltas}
@@ -121,14 +162,19 @@ async def serve_text_requests(
 
 
 class TextSoFarClient:
-    """The notifier's side: ask for an attempt's text so far and wait for the answer.
+    """The notifier's side: ask for an attempt's text so far and wait for the answer
+    (which also registers the watch of `watcher`, this notifier's id, if given);
+    register, release and lease watches.
 
     Concurrent requests for the same attempt share one round trip.
     """
 
-    def __init__(self, channel: AbstractChannel, exchange: AbstractExchange) -> None:
+    def __init__(
+        self, channel: AbstractChannel, exchange: AbstractExchange, watcher: str | None = None
+    ) -> None:
         self.channel = channel
         self.exchange = exchange
+        self.watcher = watcher
         self.reply_queue = ""
         self._waiting: dict[str, asyncio.Future[TextSoFar]] = {}
         self._shared: dict[tuple[str, int], asyncio.Task[TextSoFar | None]] = {}
@@ -187,7 +233,7 @@ class TextSoFarClient:
         try:
             await self.exchange.publish(
                 aio_pika.Message(
-                    body=orjson.dumps({"job_id": job_id, "attempt": attempt}),
+                    body=self._body(job_id, attempt),
                     correlation_id=correlation,
                     reply_to=self.reply_queue,
                     expiration=timeout_s,
@@ -201,3 +247,29 @@ class TextSoFarClient:
             return None
         finally:
             self._waiting.pop(correlation, None)
+
+    def _body(self, job_id: str, attempt: int) -> bytes:
+        request: dict[str, object] = {"job_id": job_id, "attempt": attempt}
+        if self.watcher is not None:
+            request["watcher"] = self.watcher
+        return orjson.dumps(request)
+
+    async def _control(self, routing_key: str, body: bytes) -> None:
+        await self.exchange.publish(
+            aio_pika.Message(body=body, delivery_mode=DeliveryMode.NOT_PERSISTENT),
+            routing_key=routing_key,
+            mandatory=False,
+        )
+
+    async def register(self, tenant: str, job_id: str, attempt: int) -> None:
+        """Watch the attempt without asking for its text so far (the RUNNING event was
+        seen here: its deltas, all of them, come on the bus)."""
+        await self._control(text_request_key(tenant), self._body(job_id, attempt))
+
+    async def unwatch(self, tenant: str, job_id: str, attempt: int) -> None:
+        """No longer watch the attempt."""
+        await self._control(unwatch_key(tenant), self._body(job_id, attempt))
+
+    async def lease(self, tenant: str, lease_s: float) -> None:
+        """Have every attempt of `tenant` published for `lease_s` seconds."""
+        await self._control(interest_key(tenant), orjson.dumps({"lease_s": lease_s}))

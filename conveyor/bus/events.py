@@ -264,6 +264,26 @@ class EventPublisher:
         """Publish a transition; it carries the trace context so the notifier's work joins the trace."""
         await self.publish(status_event(job, previous), inject_headers())
 
+    async def publish_changes(self, changes: Sequence[tuple[Job, str | None, str]]) -> int:
+        """Publish the transitions of many jobs, each (job, its previous status, the
+        traceparent of the work that made the change): one message per tenant and
+        status; how many messages."""
+        groups: dict[tuple[str, str], list[events_pb2.JobEventBatch.Entry]] = defaultdict(list)
+        for job, previous, traceparent in changes:
+            groups[(job.tenant, job.status.value)].append(
+                events_pb2.JobEventBatch.Entry(
+                    event=status_event(job, previous), traceparent=traceparent
+                )
+            )
+        for (tenant, status), entries in groups.items():
+            await self._send(
+                events_pb2.JobEventBatch(entries=entries).SerializeToString(),
+                BATCH_CONTENT_TYPE,
+                event_routing_key(status, tenant),
+                {},
+            )
+        return len(groups)
+
     async def publish_statuses(self, jobs: Sequence[Job], previous: str | None) -> None:
         """Publish the transitions of many jobs (each from `previous`): one message per
         tenant and status, each event carrying its job's stored trace context."""

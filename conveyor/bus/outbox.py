@@ -14,15 +14,13 @@ process, registers the tenant in Postgres and announces it to the workers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Collection, Sequence
-from contextlib import AbstractContextManager
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
-from opentelemetry.trace import Span, SpanKind, StatusCode
+from opentelemetry.trace import Span, SpanKind, StatusCode, set_span_in_context
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.bus import broker
@@ -30,8 +28,9 @@ from conveyor.bus.broker import (
     JOBS_EXCHANGE,
     PUBLISHED_AT_HEADER,
     JobMessage,
+    JobPublish,
     job_routing_key,
-    publish_job,
+    publish_jobs,
 )
 from conveyor.core.lifecycle import Job
 from conveyor.core.telemetry import exporting, inject_headers, traceparent_context, tracer
@@ -134,14 +133,14 @@ class JobQueue:
         self._to_stamp: list[Any] = []
         self._stamping: asyncio.Task[None] | None = None
 
-    def _span(self, job: Job) -> AbstractContextManager[Span | None]:
+    def _span(self, job: Job) -> Span | None:
         """The job's PRODUCER span, a child of its submit (a republish after a retry,
         recovery or the outbox joins that trace too). Only when spans are exported:
         otherwise the stored traceparent travels as it is, which keeps the job's trace
         id without making a span per message."""
         if not exporting():
-            return contextlib.nullcontext()
-        return tracer().start_as_current_span(
+            return None
+        return tracer().start_span(
             f"{JOBS_EXCHANGE} publish",
             context=traceparent_context(job.traceparent),
             kind=SpanKind.PRODUCER,
@@ -154,38 +153,53 @@ class JobQueue:
             },
         )
 
-    async def _publish(self, job: Job, queues_ready: bool) -> bool:
-        with self._span(job) as span:
+    async def _publish(self, jobs: Sequence[Job], ready: set[str]) -> list[bool]:
+        """Publish the jobs together (conveyor.bus.broker.publish_jobs); for each, whether
+        the broker confirmed it. A job whose tenant's queues are not declared is not
+        published: the outbox publishes it later."""
+        spans = [self._span(job) for job in jobs]
+        publishes: list[JobPublish] = []
+        sent: list[int] = []
+        results: list[BaseException | None] = [None] * len(jobs)
+        now_ns = time.time_ns()
+        fair = self.tenants is not None
+        for i, (job, span) in enumerate(zip(jobs, spans, strict=True)):
+            tenant = job.tenant
+            if tenant not in ready:
+                results[i] = ConnectionError(f"the lane queues of tenant {tenant} are not declared")
+                continue
             if span is not None:
-                headers: dict[str, Any] = inject_headers()
+                headers: dict[str, Any] = inject_headers(set_span_in_context(span))
             else:
                 traceparent = job.traceparent
                 headers = {"traceparent": traceparent} if traceparent else {}
-            headers[PUBLISHED_AT_HEADER] = time.time_ns()
-            tenant = job.tenant
-            try:
-                if not queues_ready:
-                    raise ConnectionError(f"the lane queues of tenant {tenant} are not declared")
-                await publish_job(
-                    self.exchange,
+            headers[PUBLISHED_AT_HEADER] = now_ns
+            publishes.append(
+                JobPublish(
                     JobMessage(job_id=job.id, tenant=tenant),
-                    lane=job.lane,
-                    priority=job.priority,
-                    headers=headers,
-                    routing_key=job_routing_key(
-                        job.lane, tenant if self.tenants is not None else None
-                    ),
-                    timeout_s=self.timeout_s,
+                    job_routing_key(job.lane, tenant if fair else None),
+                    job.priority,
+                    headers,
                 )
-                return True
-            except Exception as exc:  # broker down, channel closed, no confirm: the outbox retries
-                if span is not None:
-                    span.set_status(StatusCode.ERROR, repr(exc))
+            )
+            sent.append(i)
+        try:
+            outcomes = await publish_jobs(self.exchange, publishes, self.timeout_s)
+        except Exception as exc:  # broker down, channel closed: the outbox retries
+            outcomes = [exc] * len(publishes)
+        for i, outcome in zip(sent, outcomes, strict=True):
+            results[i] = outcome
+        for job, span, error in zip(jobs, spans, results, strict=True):
+            if error is not None:
                 log.warning(
                     "publish failed; left to the outbox",
-                    extra={"job_id": str(job.id), "error": repr(exc)},
+                    extra={"job_id": str(job.id), "error": repr(error)},
                 )
-                return False
+            if span is not None:
+                if error is not None:
+                    span.set_status(StatusCode.ERROR, repr(error))
+                span.end()
+        return [error is None for error in results]
 
     async def _ready_tenants(self, tenants: set[str]) -> set[str]:
         """The tenants among `tenants` whose lane queues are declared (all of them, unless
@@ -222,7 +236,7 @@ class JobQueue:
                 if not jobs:
                     return len(held)
         ready = await self._ready_tenants({j.tenant for j in jobs})
-        results = await asyncio.gather(*(self._publish(j, j.tenant in ready) for j in jobs))
+        results = await self._publish(jobs, ready)
         confirmed = [j.id for j, ok in zip(jobs, results, strict=True) if ok]
         if confirmed:
             self._to_stamp.extend(confirmed)

@@ -16,10 +16,20 @@ from conveyor.core.errors import InvalidArgument
 from conveyor.core.lifecycle import Job
 from conveyor.v1 import jobs_pb2
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def set_timestamp(target: Timestamp, value: datetime) -> None:
+    """`target.FromDatetime(value)` (a naive value is UTC) by subtraction: protobuf's
+    goes through a time tuple and `calendar.timegm`, several times slower."""
+    delta = (value if value.tzinfo is not None else value.replace(tzinfo=UTC)) - _EPOCH
+    target.seconds = delta.days * 86_400 + delta.seconds
+    target.nanos = delta.microseconds * 1_000
+
 
 def timestamp(value: datetime) -> Timestamp:
     ts = Timestamp()
-    ts.FromDatetime(value)
+    set_timestamp(ts, value)
     return ts
 
 
@@ -175,5 +185,5 @@ def job_to_proto(job: Job, *, content: bool = True, request: bool = False) -> jo
     for name in Job.TIMESTAMPS:
         value = getattr(job, name)
         if value is not None:
-            getattr(out, name).CopyFrom(timestamp(value))
+            set_timestamp(getattr(out, name), value)
     return out

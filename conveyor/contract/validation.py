@@ -104,17 +104,18 @@ def _check_map(values: dict[str, str], field: str, max_items: int, max_chars: in
     _check(len(values) <= max_items, field, f"at most {max_items} entries")
     check_strings(values, field)
     for k, v in values.items():
-        _check(0 < len(k) <= max_chars, key_field(field, k), f"keys are 1..{max_chars} characters")
-        _check(
-            len(v) <= max_chars, key_field(field, k), f"values are at most {max_chars} characters"
-        )
+        if not 0 < len(k) <= max_chars:
+            raise InvalidArgument(key_field(field, k), f"keys are 1..{max_chars} characters")
+        if len(v) > max_chars:
+            raise InvalidArgument(key_field(field, k), f"values are at most {max_chars} characters")
 
 
 def check_strings(values: Mapping[str, str], field: str) -> None:
     """Refuse a NUL in a map's keys or values (labels, metadata, label filters)."""
     for k, v in values.items():
-        check_text(k, key_field(field, k))
-        check_text(v, key_field(field, k))
+        if "\x00" in k or "\x00" in v:
+            check_text(k, key_field(field, k))
+            check_text(v, key_field(field, k))
 
 
 def request_hash(req: jobs_pb2.SubmitJobRequest) -> str:
@@ -145,94 +146,94 @@ def validate_submit(
 
 
 def _check_model(model: str, lim: Limits, field: str) -> None:
-    _check(bool(_MODEL.fullmatch(model)), field, "is not a valid model name")
-    _check(
-        lim.model_allowed(model),
-        field,
-        f"is not an allowed model (allowed: {', '.join(lim.allowed_models)})",
-    )
+    if not _MODEL.fullmatch(model):
+        raise InvalidArgument(field, "is not a valid model name")
+    if not lim.model_allowed(model):
+        raise InvalidArgument(
+            field, f"is not an allowed model (allowed: {', '.join(lim.allowed_models)})"
+        )
 
 
 def _short_form(
     req: jobs_pb2.SubmitJobRequest, lim: Limits, p: str
 ) -> tuple[str, dict[str, object]]:
     """Check the short typed form; (model, the Messages API body it stands for)."""
-    _check(bool(req.model), f"{p}model", "is required")
-    _check(bool(_MODEL.fullmatch(req.model)), f"{p}model", "is not a valid model name")
-    _check(
-        lim.model_allowed(req.model),
-        f"{p}model",
-        f"is not an allowed model (allowed: {', '.join(lim.allowed_models)})",
-    )
-    _check(req.max_tokens > 0, f"{p}max_tokens", "is required and must be positive")
-    _check(
-        req.max_tokens <= lim.max_output_tokens,
-        f"{p}max_tokens",
-        f"at most {lim.max_output_tokens}",
-    )
-    _check(len(req.messages) > 0, f"{p}messages", "at least one message is required")
-    _check(len(req.messages) <= lim.max_messages, f"{p}messages", f"at most {lim.max_messages}")
-    _check(
-        len(req.system) <= lim.max_text_chars,
-        f"{p}system",
-        f"at most {lim.max_text_chars} characters",
-    )
-    check_text(req.system, f"{p}system")
-    total = len(req.system)
-    for i, m in enumerate(req.messages):
-        _check(
-            m.role in ("user", "assistant"),
-            f"{p}messages[{i}].role",
-            'must be "user" or "assistant"',
+    # Every check is an `if` whose field name and message are made only when it fails:
+    # made for every check of every submit, they cost more than the checks.
+    model = req.model
+    if not model:
+        raise InvalidArgument(f"{p}model", "is required")
+    _check_model(model, lim, f"{p}model")
+    max_tokens = req.max_tokens
+    if max_tokens <= 0:
+        raise InvalidArgument(f"{p}max_tokens", "is required and must be positive")
+    if max_tokens > lim.max_output_tokens:
+        raise InvalidArgument(f"{p}max_tokens", f"at most {lim.max_output_tokens}")
+    messages = req.messages
+    if not messages:
+        raise InvalidArgument(f"{p}messages", "at least one message is required")
+    if len(messages) > lim.max_messages:
+        raise InvalidArgument(f"{p}messages", f"at most {lim.max_messages}")
+    system = req.system
+    if len(system) > lim.max_text_chars:
+        raise InvalidArgument(f"{p}system", f"at most {lim.max_text_chars} characters")
+    if "\x00" in system:
+        check_text(system, f"{p}system")
+    total = len(system)
+    turns: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        role, content = m.role, m.content
+        if role != "user" and role != "assistant":
+            raise InvalidArgument(f"{p}messages[{i}].role", 'must be "user" or "assistant"')
+        if not content:
+            raise InvalidArgument(f"{p}messages[{i}].content", "must not be empty")
+        if "\x00" in content:
+            check_text(content, f"{p}messages[{i}].content")
+        total += len(content)
+        turns.append({"role": role, "content": content})
+    if messages[0].role != "user":
+        raise InvalidArgument(f"{p}messages[0].role", 'the first message must be from "user"')
+    if total > lim.max_text_chars:
+        raise InvalidArgument(
+            f"{p}messages", f"system and messages exceed {lim.max_text_chars} characters"
         )
-        _check(bool(m.content), f"{p}messages[{i}].content", "must not be empty")
-        check_text(m.content, f"{p}messages[{i}].content")
-        total += len(m.content)
-    _check(
-        req.messages[0].role == "user",
-        f"{p}messages[0].role",
-        'the first message must be from "user"',
-    )
-    _check(
-        total <= lim.max_text_chars,
-        f"{p}messages",
-        f"system and messages exceed {lim.max_text_chars} characters",
-    )
-    if req.HasField("temperature"):
-        _check(0.0 <= req.temperature <= 1.0, f"{p}temperature", "must be between 0.0 and 1.0")
-    _check(
-        len(req.stop_sequences) <= lim.max_stop_sequences,
-        f"{p}stop_sequences",
-        f"at most {lim.max_stop_sequences}",
-    )
-    for i, s in enumerate(req.stop_sequences):
-        _check(bool(s.strip()), f"{p}stop_sequences[{i}]", "must contain non-whitespace")
-        check_text(s, f"{p}stop_sequences[{i}]")
+    has_temperature = req.HasField("temperature")
+    if has_temperature and not 0.0 <= req.temperature <= 1.0:
+        raise InvalidArgument(f"{p}temperature", "must be between 0.0 and 1.0")
+    stops = req.stop_sequences
+    if stops:
         _check(
-            len(s) <= lim.max_stop_sequence_chars,
-            f"{p}stop_sequences[{i}]",
-            f"at most {lim.max_stop_sequence_chars} characters",
+            len(stops) <= lim.max_stop_sequences,
+            f"{p}stop_sequences",
+            f"at most {lim.max_stop_sequences}",
         )
-    for key in req.metadata:
-        _check(
-            key in METADATA_KEYS,
-            key_field(f"{p}metadata", key),
-            f"the Messages API takes only {', '.join(sorted(METADATA_KEYS))}",
-        )
-    _check_map(dict(req.metadata), f"{p}metadata", len(METADATA_KEYS), lim.max_metadata_chars)
-    body: dict[str, object] = {
-        "max_tokens": req.max_tokens,
-        "messages": [{"role": m.role, "content": m.content} for m in req.messages],
-    }
-    if req.system:
-        body["system"] = req.system
-    if req.HasField("temperature"):
+        for i, stop in enumerate(stops):
+            _check(bool(stop.strip()), f"{p}stop_sequences[{i}]", "must contain non-whitespace")
+            check_text(stop, f"{p}stop_sequences[{i}]")
+            _check(
+                len(stop) <= lim.max_stop_sequence_chars,
+                f"{p}stop_sequences[{i}]",
+                f"at most {lim.max_stop_sequence_chars} characters",
+            )
+    metadata = req.metadata
+    if metadata:
+        for key in metadata:
+            _check(
+                key in METADATA_KEYS,
+                key_field(f"{p}metadata", key),
+                f"the Messages API takes only {', '.join(sorted(METADATA_KEYS))}",
+            )
+        _check_map(dict(metadata), f"{p}metadata", len(METADATA_KEYS), lim.max_metadata_chars)
+    body: dict[str, object] = {"max_tokens": max_tokens, "messages": turns}
+    if system:
+        body["system"] = system
+    if has_temperature:
         body["temperature"] = req.temperature
-    if req.stop_sequences:
-        body["stop_sequences"] = list(req.stop_sequences)
-    if req.metadata:
-        body["metadata"] = dict(req.metadata)
-    return req.model, body
+    if stops:
+        body["stop_sequences"] = list(stops)
+    if metadata:
+        body["metadata"] = dict(metadata)
+    return model, body
 
 
 def _new_job(
@@ -246,56 +247,44 @@ def _new_job(
     body: dict[str, Any],
 ) -> NewJob:
     """Check Conveyor's own fields (either form); the row to insert."""
-    _check(
-        0 <= req.priority <= settings.max_priority,
-        f"{p}priority",
-        f"must be 0..{settings.max_priority}",
-    )
+    # As in _short_form: field names and messages are made only for a failed check.
+    priority = req.priority
+    if not 0 <= priority <= settings.max_priority:
+        raise InvalidArgument(f"{p}priority", f"must be 0..{settings.max_priority}")
     lane = req.lane or settings.default_lane
-    _check(lane in settings.lanes, f"{p}lane", f"must be one of {', '.join(settings.lanes)}")
-    _check(
-        len(req.idempotency_key) <= lim.max_key_chars,
-        f"{p}idempotency_key",
-        f"at most {lim.max_key_chars} characters",
-    )
-    check_text(req.idempotency_key, f"{p}idempotency_key")
-    _check(
-        0 <= req.max_attempts <= lim.max_attempts,
-        f"{p}max_attempts",
-        f"must be 0..{lim.max_attempts}",
-    )
-    _check_map(dict(req.labels), f"{p}labels", lim.max_labels, lim.max_label_chars)
-    _check(
-        req.webhook_events in jobs_pb2.WebhookEvents.values(),
-        f"{p}webhook_events",
-        "is not a WebhookEvents value",
-    )
-    _check(
-        bool(req.webhook_url) or req.webhook_events == jobs_pb2.WEBHOOK_EVENTS_UNSPECIFIED,
-        f"{p}webhook_events",
-        "needs webhook_url",
-    )
-    if req.webhook_url:
+    if lane not in settings.lanes:
+        raise InvalidArgument(f"{p}lane", f"must be one of {', '.join(settings.lanes)}")
+    key = req.idempotency_key
+    if key:
+        if len(key) > lim.max_key_chars:
+            raise InvalidArgument(f"{p}idempotency_key", f"at most {lim.max_key_chars} characters")
+        check_text(key, f"{p}idempotency_key")
+    if not 0 <= req.max_attempts <= lim.max_attempts:
+        raise InvalidArgument(f"{p}max_attempts", f"must be 0..{lim.max_attempts}")
+    labels = dict(req.labels)
+    if labels:
+        _check_map(labels, f"{p}labels", lim.max_labels, lim.max_label_chars)
+    webhook_events = req.webhook_events
+    if webhook_events not in _WEBHOOK_EVENTS:
+        raise InvalidArgument(f"{p}webhook_events", "is not a WebhookEvents value")
+    url = req.webhook_url
+    if not url and webhook_events != jobs_pb2.WEBHOOK_EVENTS_UNSPECIFIED:
+        raise InvalidArgument(f"{p}webhook_events", "needs webhook_url")
+    if url:
         _check(
-            len(req.webhook_url) <= lim.max_url_chars,
+            len(url) <= lim.max_url_chars,
             f"{p}webhook_url",
             f"at most {lim.max_url_chars} characters",
         )
-        _check(
-            req.webhook_url.startswith(("http://", "https://")),
-            f"{p}webhook_url",
-            "must be an http(s) URL",
-        )
-        check_text(req.webhook_url, f"{p}webhook_url")
+        _check(url.startswith(("http://", "https://")), f"{p}webhook_url", "must be an http(s) URL")
+        check_text(url, f"{p}webhook_url")
 
-    now = now or utcnow()
     run_at: datetime | None = None
-    _check(
-        not (req.HasField("run_at") and req.HasField("delay")),
-        f"{p}run_at",
-        "give run_at or delay, not both",
-    )
-    if req.HasField("delay"):
+    has_run_at, has_delay = req.HasField("run_at"), req.HasField("delay")
+    if has_run_at and has_delay:
+        raise InvalidArgument(f"{p}run_at", "give run_at or delay, not both")
+    if has_delay:
+        now = now or utcnow()
         delay = to_timedelta(req.delay, f"{p}delay")
         _check(
             timedelta(0) <= delay <= lim.max_delay,
@@ -303,7 +292,8 @@ def _new_job(
             f"must be between 0 and {lim.max_delay}",
         )
         run_at = now + delay if delay > timedelta(0) else None
-    elif req.HasField("run_at"):
+    elif has_run_at:
+        now = now or utcnow()
         run_at = to_datetime(req.run_at, f"{p}run_at")
         _check(run_at <= now + lim.max_delay, f"{p}run_at", f"at most {lim.max_delay} ahead")
     timeout = timedelta(seconds=settings.default_timeout_s)
@@ -320,13 +310,16 @@ def _new_job(
         model=model,
         request=body,
         lane=lane,
-        priority=req.priority,
+        priority=priority,
         max_attempts=req.max_attempts or settings.default_max_attempts,
         timeout_ms=int(timeout.total_seconds() * 1000),
         request_hash=request_hash(req),
-        idempotency_key=req.idempotency_key or None,
-        webhook_url=req.webhook_url or None,
-        webhook_all_events=req.webhook_events == jobs_pb2.WEBHOOK_EVENTS_ALL,
-        labels=dict(req.labels),
+        idempotency_key=key or None,
+        webhook_url=url or None,
+        webhook_all_events=webhook_events == jobs_pb2.WEBHOOK_EVENTS_ALL,
+        labels=labels,
         run_at=run_at,
     )
+
+
+_WEBHOOK_EVENTS = frozenset(jobs_pb2.WebhookEvents.values())

@@ -88,10 +88,26 @@ def is_timeout(exc: BaseException) -> bool:
     return False
 
 
+def is_conflict(exc: BaseException) -> bool:
+    """Whether Postgres rolled a statement back for a conflict with another transaction
+    (SQLSTATE class 40: a deadlock, a serialization failure): it wrote nothing and may
+    succeed when tried again. Statements that change many rows at once (the worker's
+    grouped claims and outcomes) can meet in opposite orders on shared rows. SQLAlchemy's
+    wrapper is looked through."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # the error, SQLAlchemy's `orig`, its adapter's cause
+        if seen is None:
+            return False
+        if isinstance(seen, asyncpg.exceptions.TransactionRollbackError):
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Whether a database error is worth trying again later: a lost connection or a
-    statement that ran out of time."""
-    return is_disconnect(exc) or is_timeout(exc)
+    """Whether a database error is worth trying again later: a lost connection, a
+    statement that ran out of time or one rolled back for a conflict."""
+    return is_disconnect(exc) or is_timeout(exc) or is_conflict(exc)
 
 
 async def retry_transient(
@@ -255,13 +271,18 @@ def create_engine(
     would only add round trips. Services leave `pre_ping` off (it costs a round trip
     per checkout) and retry a disconnect instead; tools that cannot retry turn it on.
     Every statement is bounded by `timeouts` (by default the CONVEYOR_DB_*_TIMEOUT_S
-    settings): a hung database fails a call instead of holding it for ever.
+    settings): a hung database fails a call instead of holding it for ever. The pool
+    opens up to twice `pool_size` connections, as many as it did with overflow, and
+    keeps them all.
     """
     timeouts = timeouts or Timeouts.from_settings()
     engine = create_async_engine(
         asyncpg_url(url),
-        pool_size=pool_size,
-        max_overflow=pool_size,
+        # Every connection opened is kept: one lent beyond the pool's size (an overflow)
+        # would be closed on its return, and a busy process would open and close
+        # connections (a Postgres backend forked each) all the time.
+        pool_size=2 * pool_size,
+        max_overflow=0,
         # Without pre-ping a connection found dead raises a disconnect error; SQLAlchemy
         # then refreshes the pool and callers retry (see once_more_on_disconnect).
         pool_pre_ping=pre_ping,

@@ -113,14 +113,37 @@ WITH ins AS (
 SELECT id FROM ins
 """
 
-_COLUMNS = tuple(jobs.c.keys())
-
 
 def as_stored(job: NewJob, now: datetime) -> Job:
-    """The job `insert_jobs` stores for `job` at `now`, every column included."""
-    row: dict[str, Any] = dict.fromkeys(_COLUMNS)
-    row.update(values(job, now), attempts=0)
-    return Job.from_row(row)
+    """The job `insert_jobs` stores for `job` at `now`, every column included (those
+    not named here are NULL, the Job's defaults)."""
+    return Job(
+        id=job.id,
+        tenant=job.tenant,
+        status=JobState.SCHEDULED
+        if job.run_at is not None and job.run_at > now
+        else JobState.PENDING,
+        lane=job.lane,
+        model=job.model,
+        priority=job.priority,
+        request=job.request,
+        labels=job.labels,
+        idempotency_key=job.idempotency_key,
+        request_hash=job.request_hash,
+        max_attempts=job.max_attempts,
+        attempts=0,
+        timeout_ms=job.timeout_ms,
+        webhook_url=job.webhook_url,
+        webhook_all_events=job.webhook_all_events,
+        run_at=job.run_at,
+        trace_id=job.trace_id,
+        traceparent=job.traceparent,
+        seq=1,
+        created_at=now,
+        updated_at=now,
+        budget_micros=job.budget_micros,
+        budget_day=job.budget_day,
+    )
 
 
 def insert_params(
@@ -190,14 +213,18 @@ async def get_job(
     return await _GET.job(conn, {"id": job_id, "tenant": tenant})
 
 
+# Only rows still pending: the outbox looks at no other, and a job claimed meanwhile
+# (most of them, under load) is not written again for nothing.
 _MARK_PUBLISHED = sql(
     "UPDATE jobs SET published_at = now()"
     " WHERE id = ANY(CAST(:ids AS uuid[])) AND published_at IS NULL"
+    f" AND status = '{JobState.PENDING.value}'"
 )
 
 
 async def mark_published(engine: AsyncEngine, job_ids: Sequence[uuid.UUID]) -> None:
-    """Record that the broker confirmed these jobs' messages (the outbox is cleared)."""
+    """Record that the broker confirmed these jobs' messages (the outbox is cleared);
+    a job no longer pending is left as it is."""
     if not job_ids:
         return
     await _MARK_PUBLISHED.fetch(engine, {"ids": list(job_ids)})

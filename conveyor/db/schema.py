@@ -11,6 +11,7 @@ metadata = sa.MetaData()
 
 STATUS_VALUES = tuple(state.value for state in JobState)
 
+# fillfactor 80 (migration 0010): room on each page for heartbeats' HOT updates.
 jobs = sa.Table(
     "jobs",
     metadata,
@@ -118,7 +119,7 @@ job_attempts = sa.Table(
     sa.Column("output_tokens", sa.Integer),
 )
 
-# Maintained by the `jobs_count` trigger (see the initial migration); GetStats sums it.
+# Maintained by the `jobs_tally_*` statement triggers (migration 0010); GetStats sums it.
 job_counts = sa.Table(
     "job_counts",
     metadata,
@@ -168,7 +169,7 @@ sa.Index(
 
 # Every tenant that has jobs or keys; its lane queues exist in RabbitMQ. Limits that
 # are NULL fall back to the settings (submit quota) or mean "unlimited" (max_running).
-# `running` is kept by the `jobs_tenant_running` trigger while max_running is set.
+# `running` is kept by the `jobs_tally_*` triggers (migration 0010) while max_running is set.
 tenants = sa.Table(
     "tenants",
     metadata,

@@ -19,9 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.core.lifecycle import Job, JobState, Outcome
 from conveyor.core.lifecycle import transition as table_row
+from conveyor.db.engine import fetch
 from conveyor.db.statements import as_json, sql, states, utcnow
 
-__all__ = ["Outcome"]
+__all__ = ["ClaimRequest", "Claimed", "FinishRequest", "Outcome"]
 
 LOST_ATTEMPT_SEQ_GAP = 1_000_000
 """Sequence numbers skipped when a running attempt ends without its worker (stalled-job
@@ -275,13 +276,23 @@ class Renewal:
     """Ids of renewed jobs whose cancel was requested."""
 
 
+# Its rows are locked in the order of their ids first, as the grouped writes lock theirs
+# (LOCK_IN_ORDER, below).
 _HEARTBEAT = sql(
     """
-UPDATE jobs SET heartbeat_at = :now
- WHERE lease_id = ANY(CAST(:leases AS uuid[])) AND status = """
+WITH locked AS MATERIALIZED (
+  SELECT id FROM jobs
+   WHERE lease_id = ANY(CAST(:leases AS uuid[])) AND status = """
     + literal(JobState.RUNNING)
     + """
-RETURNING id, lease_id, cancel_requested_at
+   ORDER BY id FOR UPDATE
+)
+UPDATE jobs SET heartbeat_at = :now
+  FROM locked
+ WHERE jobs.id = locked.id AND lease_id = ANY(CAST(:leases AS uuid[])) AND status = """
+    + literal(JobState.RUNNING)
+    + """
+RETURNING jobs.id, lease_id, cancel_requested_at
 """
 )
 
@@ -385,3 +396,199 @@ async def release(
             "seq_floor": seq_floor,
         },
     )
+
+
+# --------------------------------------------------------------------------- grouped writes
+# The worker's claims and outcomes, many jobs per statement (services.worker.group_writes):
+# the same conditions, columns and history rows as `claim` and `finish`, one row of
+# arrays per job. Each result row names the job's place in the group (`ord`), so a job
+# listed twice (two deliveries of one job) or refused (no longer pending, lease taken
+# over) is told apart per job, not per group.
+
+
+LOCK_IN_ORDER = """
+  SELECT id FROM jobs WHERE id = ANY(:ids) ORDER BY id FOR UPDATE
+"""
+"""The rows a statement of many jobs changes, locked first and in the order of their ids:
+two such statements (a claim group, an outcome group, a heartbeat) that met on rows
+locked in the orders their joins happen to take could each wait for the other
+(a deadlock, which Postgres breaks after a second by failing one of them)."""
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    """A delivered job to claim under `lease`; `tenant` is the delivery's."""
+
+    job_id: uuid.UUID
+    lease: uuid.UUID
+    tenant: str
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What `claim_many` made of each request, in the requests' order."""
+
+    jobs: list[Job | None]
+    """The claimed job, or None (not pending, a cancel requested, claimed by its twin)."""
+    limited: list[bool]
+    """Not tried: the tenant has a concurrency limit, which only `claim` checks."""
+
+
+# A tenant with a limit is left out: several claims of one limited tenant in one statement
+# would each see the count before the others (the trigger moves it row by row); `claim`
+# locks the tenant row and checks it, one job at a time.
+_CLAIM_MANY = (
+    """
+WITH i AS (
+  SELECT * FROM unnest($2::uuid[], $3::uuid[], $4::text[]) WITH ORDINALITY AS i(id, lease, tenant, ord)
+), limited AS (
+  SELECT i.ord FROM i JOIN tenants t ON t.tenant = i.tenant WHERE t.max_running IS NOT NULL
+), locked AS MATERIALIZED ("""
+    + LOCK_IN_ORDER.replace(":ids", "$2::uuid[]")
+    + """), moved AS (
+  UPDATE jobs
+     SET status = """
+    + literal(JobState.RUNNING)
+    + """, attempts = jobs.attempts + 1, lease_id = i.lease, heartbeat_at = $1::timestamptz,
+         started_at = $1::timestamptz, updated_at = $1::timestamptz, seq = jobs.seq + 1, error = NULL
+    FROM i JOIN locked ON locked.id = i.id
+   WHERE jobs.id = i.id AND jobs."""
+    + leaving("claim")
+    + """ AND jobs.cancel_requested_at IS NULL
+     AND i.ord NOT IN (SELECT ord FROM limited)
+  RETURNING jobs.*, i.ord
+), ev AS (
+  INSERT INTO job_events (job_id, seq, status, previous, attempt, detail, created_at, actor)
+  SELECT id, seq, status, """
+    + literal(JobState.PENDING)
+    + """, attempts, NULL, updated_at, NULL FROM moved
+), att AS (
+  INSERT INTO job_attempts (job_id, attempt, lease_id, worker, started_at)
+  SELECT id, attempts, lease_id, $5, started_at FROM moved
+)
+SELECT l.limited_ords, moved.*
+  FROM (SELECT coalesce(array_agg(ord), '{}') AS limited_ords FROM limited) l
+  LEFT JOIN moved ON true
+"""
+)
+
+
+async def claim_many(engine: AsyncEngine, requests: Sequence[ClaimRequest], worker: str) -> Claimed:
+    """Claim many pending jobs in one statement, as `claim` claims one; the jobs of
+    tenants with a concurrency limit are not tried (`Claimed.limited`)."""
+    rows = await fetch(
+        engine,
+        _CLAIM_MANY,
+        (
+            utcnow(),
+            [r.job_id for r in requests],
+            [r.lease for r in requests],
+            [r.tenant for r in requests],
+            worker,
+        ),
+    )
+    jobs: list[Job | None] = [None] * len(requests)
+    limited = [False] * len(requests)
+    for row in rows:
+        for ord_ in row["limited_ords"]:
+            limited[ord_ - 1] = True
+        if row["id"] is not None:
+            jobs[row["ord"] - 1] = Job.from_row(row)
+    return Claimed(jobs, limited)
+
+
+@dataclass(frozen=True)
+class FinishRequest:
+    """An attempt's outcome to write under `lease` (see `finish`)."""
+
+    job_id: uuid.UUID
+    lease: uuid.UUID
+    outcome: Outcome
+    seq_floor: int = 0
+
+
+_FINISH_MANY = (
+    """
+WITH i AS (
+  SELECT * FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::bool[], $6::text[], $7::text[],
+                       $8::int4[], $9::int4[], $10::int4[], $11::int4[], $12::text[], $13::int8[],
+                       $14::text[], $15::text[], $16::timestamptz[], $17::int8[])
+    WITH ORDINALITY AS i(id, lease, status, terminal, result_text, stop_reason, input_tokens,
+                         output_tokens, cache_creation, cache_read, result, cost, error,
+                         dead_reason, run_at, seq_floor, ord)
+), locked AS MATERIALIZED ("""
+    + LOCK_IN_ORDER.replace(":ids", "$2::uuid[]")
+    + """), moved AS (
+  UPDATE jobs
+     SET status = i.status, result_text = i.result_text, stop_reason = i.stop_reason,
+         input_tokens = i.input_tokens, output_tokens = i.output_tokens,
+         cache_creation_input_tokens = i.cache_creation, cache_read_input_tokens = i.cache_read,
+         result = CAST(i.result AS jsonb),
+         cost_micros = CASE WHEN i.cost IS NULL THEN NULL
+                            ELSE coalesce(jobs.cost_micros, 0) + i.cost END,
+         error = CAST(i.error AS jsonb), dead_reason = i.dead_reason,
+         finished_at = CASE WHEN i.terminal THEN $1::timestamptz ELSE NULL END,
+         run_at = i.run_at,
+         published_at = CASE WHEN i.terminal THEN jobs.published_at ELSE NULL END,
+         lease_id = NULL, heartbeat_at = NULL, updated_at = $1::timestamptz,
+         seq = GREATEST(jobs.seq, i.seq_floor) + 1
+    FROM i JOIN locked ON locked.id = i.id
+   WHERE jobs.id = i.id AND jobs.lease_id = i.lease AND jobs."""
+    + leaving("succeed")
+    + """
+  RETURNING jobs.*, i.ord
+), ev AS (
+  INSERT INTO job_events (job_id, seq, status, previous, attempt, detail, created_at, actor)
+  SELECT id, seq, status, """
+    + literal(JobState.RUNNING)
+    + """, attempts, error, updated_at, """
+    + _CANCELLER
+    + """
+    FROM moved
+), att AS (
+  UPDATE job_attempts a
+     SET finished_at = $1::timestamptz, outcome = moved.status, error = moved.error,
+         input_tokens = moved.input_tokens, output_tokens = moved.output_tokens
+    FROM moved WHERE a.job_id = moved.id AND a.attempt = moved.attempts
+)
+SELECT * FROM moved
+"""
+)
+
+
+async def finish_many(engine: AsyncEngine, requests: Sequence[FinishRequest]) -> list[Job | None]:
+    """Write many attempts' outcomes in one statement, each as `finish` writes one: the
+    job as written, or None where its lease no longer held; in the requests' order."""
+    now = utcnow()
+    usages = [r.outcome.usage or {} for r in requests]
+    outcomes = [r.outcome for r in requests]
+    rows = await fetch(
+        engine,
+        _FINISH_MANY,
+        (
+            now,
+            [r.job_id for r in requests],
+            [r.lease for r in requests],
+            [o.status.value for o in outcomes],
+            [o.status.terminal for o in outcomes],
+            [o.result_text for o in outcomes],
+            [o.stop_reason for o in outcomes],
+            [u.get("input_tokens") for u in usages],
+            [u.get("output_tokens") for u in usages],
+            [u.get("cache_creation_input_tokens") for u in usages],
+            [u.get("cache_read_input_tokens") for u in usages],
+            [as_json(o.result) for o in outcomes],
+            [o.cost_micros for o in outcomes],
+            [as_json(o.error) for o in outcomes],
+            [o.dead_reason for o in outcomes],
+            [
+                None if o.retry_in_s is None else now + timedelta(seconds=o.retry_in_s)
+                for o in outcomes
+            ],
+            [r.seq_floor for r in requests],
+        ),
+    )
+    jobs: list[Job | None] = [None] * len(requests)
+    for row in rows:
+        jobs[row["ord"] - 1] = Job.from_row(row)
+    return jobs

@@ -351,6 +351,51 @@ def simulator_headers(labels: Mapping[str, str] | None, attempt: int) -> dict[st
     return headers
 
 
+class _Client(anthropic.AsyncAnthropic):
+    """The SDK's client, keeping what it rebuilt on every call though it never changes.
+
+    Two of the SDK's per-call steps are remembered (overrides of its private hooks,
+    pinned by tests/unit/test_provider_client.py):
+
+    - `_prepare_url`: the request URL, parsed and joined to `base_url` per call, is
+      kept per path (httpx2 URLs are immutable);
+    - `default_headers`: the client's header layer (user agent, platform, auth,
+      version), folded from several properties per call, is kept once the platform
+      is known (the SDK resolves it at the first request).
+
+    Both hold because the Provider makes its client once and never changes its key,
+    base URL or headers afterwards (a copy made by `with_options` starts afresh), and
+    it calls one path.
+    """
+
+    _urls: dict[str, httpx2.URL]
+    _headers: dict[str, str | anthropic.Omit] | None
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._urls, self._headers = {}, None
+        super().__init__(**kwargs)
+
+    @property
+    def user_agent(self) -> str:
+        return f"{anthropic.AsyncAnthropic.__name__}/Python {self._version}"  # not "_Client"
+
+    def _prepare_url(self, url: str) -> httpx2.URL:
+        prepared = self._urls.get(url)
+        if prepared is None:
+            prepared = self._urls[url] = super()._prepare_url(url)
+        return prepared
+
+    @property
+    def default_headers(self) -> dict[str, str | anthropic.Omit]:
+        headers = self._headers
+        if headers is None:
+            headers = super().default_headers
+            if self._platform is None:
+                return headers
+            self._headers = headers
+        return dict(headers)
+
+
 @dataclass
 class Provider:
     """A shared anthropic client sized for the worker's concurrency.
@@ -366,7 +411,7 @@ class Provider:
     def __post_init__(self) -> None:
         key = check_provider(self.settings)
         limit = self.settings.worker_concurrency + 16
-        self.client = anthropic.AsyncAnthropic(
+        self.client = _Client(
             api_key=key,
             base_url=self.settings.provider_base_url,
             max_retries=self.settings.anthropic_max_retries,

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 import grpc
 from aio_pika.abc import AbstractConnection, AbstractExchange
 from google.protobuf.struct_pb2 import Struct
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.bus import broker
@@ -95,6 +95,8 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
             engine, settings.tenant_submit_per_minute, batch_s=settings.rate_limit_batch_s
         )
         self.budgets = TenantBudgets(engine)
+        # The metadata keys the installed propagators read a caller's trace context from.
+        self._trace_keys = frozenset(propagate.get_global_textmap().fields)
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The caller's tenant, from its API key (see conveyor.server.auth)."""
@@ -114,7 +116,9 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
         # made it current when exporting); else this call starts the job's trace.
         parent = None
         if not trace.get_current_span().get_span_context().is_valid:
-            parent = context_from_headers(dict(context.invocation_metadata() or ()))
+            metadata = context.invocation_metadata() or ()
+            if any(key in self._trace_keys for key, _ in metadata):  # else nothing to extract
+                parent = context_from_headers(dict(metadata))
         with tracer().start_as_current_span("submit", context=parent) as span:
             span.set_attribute("conveyor.jobs.count", len(requests))
             trace_id, traceparent = current_ids()

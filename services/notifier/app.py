@@ -1,5 +1,7 @@
 """Start-up of the notifier: its own queue on the events exchange (every instance sees
-every event), the text-so-far client, the webhook relay and sender, and the gRPC server."""
+every event published: status changes, and the token deltas of watched attempts),
+the text-so-far client and the watches it registers with the workers, the webhook
+relay and sender, and the gRPC server."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import contextlib
 import logging
 import os
 import socket
+import uuid
 
 from conveyor.bus import broker
 from conveyor.bus.catchup import TextSoFarClient
@@ -16,6 +19,7 @@ from conveyor.server.runtime import backing_services, serving
 from conveyor.v1 import events_pb2, events_pb2_grpc
 
 from .hub import Hub
+from .interest import Interest
 from .servicer import JobEventsServicer
 from .stream import Services
 from .stream import Settings as StreamSettings
@@ -51,8 +55,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await queue.consume(hub.on_message, no_ack=True)
         # Events published while the connection was down never reached this notifier.
         connection.reconnect_callbacks.add(lambda *_: hub.reset())
-        text = TextSoFarClient(channel, topology.events)
+        # Named in each watch it registers with the workers (services.notifier.interest).
+        text = TextSoFarClient(channel, topology.events, f"{name}:{uuid.uuid4().hex[:8]}")
         await text.start()
+        interest = Interest(hub, text)
 
         webhook_channel = await connection.channel(publisher_confirms=True)
         sender = WebhookSender(settings, engine, name)
@@ -60,6 +66,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         background = [
             asyncio.create_task(sender.relay(stop)),
             asyncio.create_task(_sweep(hub, stop)),
+            asyncio.create_task(interest.run(stop)),
         ]
 
         services = Services(
@@ -70,6 +77,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                 catchup_timeout_s=settings.notifier_catchup_timeout_s,
                 idle_check_s=settings.notifier_idle_check_s,
             ),
+            interest,
         )
         servicer = JobEventsServicer(services, settings)
         async with serving(

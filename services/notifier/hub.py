@@ -2,7 +2,9 @@
 who watches what.
 
 Every notifier instance binds `job.#` on the events exchange, so each one sees
-every event and any of them can serve any watcher. For each job with an attempt
+every event published and any of them can serve any watcher. Workers publish the
+deltas of an attempt only while some notifier watches it, and then all of them,
+from its first piece on (services.notifier.interest). For each job with an attempt
 in progress the hub keeps that attempt's deltas (a `JobLog`), bounded per job and
 in total: a watch that starts or resumes mid-run is caught up from here without
 asking anybody. What a log does not reach back to (this notifier started after

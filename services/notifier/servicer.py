@@ -220,6 +220,9 @@ class JobEventsServicer(events_pb2_grpc.JobEventsServicer):
                 ordered: list[Job] = [found[str(i)] for i in ids]
             else:
                 self.hub.watch_tenant(watcher)
+                interest = self.services.interest
+                if interest is not None and not interest.leased_for(tenant):
+                    await interest.lease(tenant)  # the tenant's deltas go on the bus
                 ordered = await watches.live_with_labels(self.services.engine, tenant, labels)
             for job in ordered:
                 for event in await stream.open(job, resume.get(str(job.id), 0)):

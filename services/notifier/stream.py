@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.bus.catchup import TextSoFar, TextSoFarClient
-from conveyor.bus.events import history_event, progress_event, snapshot_event
+from conveyor.bus.events import RUNNING, history_event, progress_event, snapshot_event
 from conveyor.core.errors import Unavailable
 from conveyor.core.lifecycle import Job, JobState
 from conveyor.db import watches
 from conveyor.v1 import events_pb2
 
 from .hub import Hub, JobLog, Watcher
+from .interest import Interest
 from .tracker import Tracker, merged
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class Services:
     hub: Hub
     text: TextSoFarClient | None
     settings: Settings = field(default_factory=Settings)
+    interest: Interest | None = None
+    """The watches registered with the workers (None: every delta is assumed published)."""
 
 
 class Stream:
@@ -111,7 +114,10 @@ class Stream:
             return [], False, False  # replaced or trimmed: not from this log
         deltas = [e for e in held.after(tracker.last) if e.sequence < event.sequence]
         complete = held.last_seq >= event.sequence - 1
-        return deltas, complete, not complete
+        # Once the change that ended the attempt came on the bus, every delta published
+        # before it has too (one publisher, one connection): an attempt nobody watched
+        # at its end published the rest of its deltas nowhere.
+        return deltas, complete, not complete and held.ended is None
 
     def _gap_deadline(self, tracker: Tracker, event: events_pb2.JobEvent) -> float:
         """time.monotonic() until which the deltas before a stored change may still come
@@ -185,6 +191,8 @@ class Stream:
             ]
         if self.watcher.deltas:
             pending += await self._deltas_since(job, start)
+        elif job.status is JobState.RUNNING and self.watcher.labels is None:
+            await self._want(job_id, job.tenant, job.attempts)  # for its progress reports
         out += await self._in_order(tracker, merged(pending), wait=True)
         tracker.loose = False
         tracker.set_job(job)
@@ -203,7 +211,12 @@ class Stream:
         if job.status is not JobState.RUNNING:
             return out
         need = max(start, job.seq)
-        if copy is not None and copy.attempt == attempt and copy.covers(need):
+        if (
+            copy is not None
+            and copy.attempt == attempt
+            and copy.covers(need)
+            and self._published(job_id, job.tenant, attempt)
+        ):
             return out
         text = await self._ask_worker(job_id, job.tenant, attempt)
         if text is None:
@@ -225,6 +238,8 @@ class Stream:
             )
         if text is not None:
             self.hub.merge(text, tenant)
+            if self.services.interest is not None:
+                self.services.interest.note(job_id, tenant, attempt)
             return text
         # No answer: fine if the attempt is over (what follows comes from Postgres).
         now = await watches.job_by_id(self.services.engine, tenant, uuid.UUID(job_id))
@@ -234,10 +249,43 @@ class Stream:
             )
         return None
 
+    # -- interest (services.notifier.interest)
+
+    def _published(self, job_id: str, tenant: str, attempt: int) -> bool:
+        """Whether every delta of the attempt is published (so a log that saw its
+        RUNNING event holds them all, and the bus brings the rest)."""
+        interest = self.services.interest
+        if interest is None:
+            return True
+        if self.watcher.labels is not None and interest.leased_for(tenant):
+            return True
+        return interest.has(job_id, attempt)
+
+    async def _want(self, job_id: str, tenant: str, attempt: int) -> None:
+        if self.services.interest is not None:
+            await self.services.interest.want(job_id, tenant, attempt)
+
+    async def _register_started(self, sent: list[events_pb2.JobEvent]) -> None:
+        """A stream of given jobs registers each new attempt it sends the RUNNING event of
+        (a tenant-wide stream has its tenant's lease)."""
+        if self.watcher.labels is not None or self.services.interest is None:
+            return
+        for event in sent:
+            if event.HasField("status_changed") and event.status_changed.status == RUNNING:
+                tracker = self.trackers.get(event.job_id)
+                attempt = event.status_changed.attempt
+                if tracker is not None and tracker.running == attempt:
+                    await self._want(event.job_id, tracker.tenant, attempt)
+
     # -- live events
 
     async def handle(self, event: events_pb2.JobEvent) -> list[events_pb2.JobEvent]:
         """What to send for a live event (nothing, it, or it after what it skipped)."""
+        out = await self._handle(event)
+        await self._register_started(out)
+        return out
+
+    async def _handle(self, event: events_pb2.JobEvent) -> list[events_pb2.JobEvent]:
         job_id = event.job_id
         tracker = self.trackers.get(job_id)
         out: list[events_pb2.JobEvent] = []
@@ -372,6 +420,7 @@ class Stream:
         self.next_check_at = self.checked_at + idle_s
         if any(t.waiting for t in self.trackers.values()):
             self.next_check_at = min(self.next_check_at, time.monotonic() + GAP_RECHECK_S)
+        await self._register_started(out)
         return out
 
     async def _read_changes(self) -> list[events_pb2.JobEvent]:

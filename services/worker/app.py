@@ -189,8 +189,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             control = await events_channel.declare_queue(exclusive=True, auto_delete=True)
             await control.bind(events_exchange, broker.CANCEL_BINDING)
             await control.consume(on_cancel, no_ack=True)
-            # Notifiers catching a watcher up ask for a running attempt's text so far.
-            await serve_text_requests(events_channel, events_exchange, runner.text_so_far)
+            # Notifiers ask for a running attempt's text so far and register their watches.
+            await serve_text_requests(events_channel, events_exchange, runner)
 
             consumers = TenantConsumers(
                 channel, settings.worker_lanes, settings.max_priority, on_job
@@ -269,6 +269,18 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                     log.info("handed back unfinished jobs", extra={"count": len(pending)})
             heartbeat.cancel()
             registering.cancel()
+            await runner.writes.close()
+            claims, finishes = runner.writes.claims, runner.writes.finishes
+            log.info(
+                "writes and status events",
+                extra={
+                    "claim_statements": claims.statements,
+                    "claims": claims.rows,
+                    "outcome_statements": finishes.statements,
+                    "outcomes": finishes.rows,
+                    "status_messages": runner.status_events.messages,
+                },
+            )
             if draining is not None:
                 await draining
             with contextlib.suppress(Exception):  # it ages out of ListWorkers anyway

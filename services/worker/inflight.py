@@ -28,9 +28,8 @@ class InFlight:
     shape: list[Shape] = field(default_factory=list)
     """What each piece of `text` is: (kind, block index, block_json, citation_json)."""
     cancel_requested: bool = False
-    sent: int = 0
-    """How many of `text` went out as delta events."""
-    flush_scheduled: bool = False
+    flush_handle: asyncio.Handle | None = None
+    """The coming flush of a watched attempt (services.worker.runner), if one is due."""
     publishing: asyncio.Task[None] | None = None
     """The latest event publish (the RUNNING event, then each delta): each waits for
     the one before it, and the final status event waits for the last."""
@@ -38,10 +37,23 @@ class InFlight:
     base_seq: int = 0
     """Sequence number of the attempt's RUNNING event: text piece n has base_seq + n."""
     flushed: list[int] = field(default_factory=list)
-    """len(text) at each delta event sent: where the published deltas end."""
+    """Where each delta event ends (len(text) when its run was cut), published or not:
+    the text-so-far answer and the bus cut the pieces the same way."""
+    published: int = 0
+    """How many of `flushed` went out as delta events (always a prefix)."""
+    published_at: float = float("-inf")
+    """loop.time() of the last delta publish (pieces after it gather a few ms)."""
+    tenant: str = ""
+    watchers: set[str] = field(default_factory=set)
+    """Notifiers that registered a watch of this attempt (services.worker.interest)."""
     renewed_at: float = field(default_factory=time.monotonic)
     """When (time.monotonic) the last heartbeat that renewed the lease was sent."""
     lease_lost: bool = False
+
+    @property
+    def cut(self) -> int:
+        """How many pieces are cut into delta runs (published or not)."""
+        return self.flushed[-1] if self.flushed else 0
 
     def run_of(self, start: int, end: int) -> tuple[str, Shape]:
         """The text and shape of the delta event made of pieces start..end."""

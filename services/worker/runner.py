@@ -60,11 +60,19 @@ from conveyor.llm.provider import Provider, classify, simulator_headers
 from conveyor.v1 import events_pb2
 
 from .calls import ModelCaller
+from .group_writes import JobWrites, StatusEvents
 from .inflight import InFlight, LeaseLost
+from .interest import Interest
 from .limiter import ProviderLimiter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+COALESCE_S = 0.0
+"""A watched attempt's pieces that follow its last delta event by less than this
+gather into one event (see `_run`'s on_delta); at 0, those of one turn of the event
+loop do. Not raised yet: a slow reader's cut-off (tests/integration/
+test_http_api_events.py) counts events, see bench/README.md."""
 
 
 class JobRunner:
@@ -90,15 +98,30 @@ class JobRunner:
         self.use_sim_headers = settings.provider == "simulator"
         self.model_label = ModelNames.from_settings(settings)
         self.call = ModelCaller(provider, limiter, self.model_label)
+        # Claims and outcomes as group commits, status events in batches (group_writes).
+        self.writes = JobWrites(engine, self.name, stopping=lambda: self.stopping)
+        self.status_events = StatusEvents(events)
+        self.interest = Interest()
 
-    def text_so_far(self, job_id: uuid.UUID, attempt: int) -> tuple[int, list[Delta]] | None:
+    def text_so_far(
+        self, job_id: uuid.UUID, attempt: int, watcher: str | None = None
+    ) -> tuple[int, list[Delta]] | None:
         """The deltas a running attempt sent so far (conveyor.bus.catchup.Delta: output_tokens,
         text, kind, block index, block JSON, citation JSON), with the
         sequence number of its RUNNING event; None if this worker does not run that
-        attempt. (conveyor.bus.catchup: a notifier catching a watcher up asks for it.)"""
+        attempt. (conveyor.bus.catchup: a notifier catching a watcher up asks for it.)
+
+        With `watcher` (a notifier's id), that notifier now watches the attempt: in this
+        same step (no await) the pieces so far are cut into runs, those not published yet
+        go out, and the answer holds every run, so every later delta is published live
+        and the answer and the live stream overlap without a gap."""
         entry = self.inflight.get(job_id)
         if entry is None or entry.attempt != attempt:
             return None
+        self._cut(entry)
+        if watcher is not None:
+            entry.watchers.add(watcher)
+            self._publish(entry)
         deltas: list[Delta] = []
         start = 0
         for end in entry.flushed:
@@ -106,6 +129,20 @@ class JobRunner:
             deltas.append((end, text, kind, index, block.decode(), cited.decode()))
             start = end
         return entry.base_seq, deltas
+
+    def unwatch(self, job_id: uuid.UUID, attempt: int, watcher: str) -> None:
+        """The notifier `watcher` no longer watches the attempt."""
+        entry = self.inflight.get(job_id)
+        if entry is not None and entry.attempt == attempt:
+            entry.watchers.discard(watcher)
+
+    def tenant_interest(self, tenant: str, lease_s: float) -> None:
+        """Publish every attempt of `tenant` for `lease_s`: a tenant-wide watch exists.
+        Attempts that were not published until now send their deltas so far first."""
+        if self.interest.lease(tenant, lease_s):
+            for entry in list(self.inflight.values()):
+                if entry.tenant == tenant:
+                    self._flush(entry)
 
     async def renew_leases(self) -> None:
         """One heartbeat: renew the leases of the running calls, abort those whose lease
@@ -188,15 +225,9 @@ class JobRunner:
     async def _handle(self, delivered: JobMessage, message: AbstractIncomingMessage) -> Settlement:
         job_id = delivered.job_id
         lease = uuid.uuid4()
-        claimed_at = time.monotonic()
-
-        async def claim() -> Job | None:
-            nonlocal claimed_at
-            claimed_at = time.monotonic()  # the lease runs from before the claim's write
-            return await db.claim(self.engine, job_id, lease, self.name, delivered.tenant)
-
         with tracer().start_as_current_span("claim"):
-            job = await self._retrying(claim)
+            # Retried while the database is away; the lease runs from before its write.
+            job, claimed_at = await self.writes.claim(job_id, lease, delivered.tenant)
         if job is None:
             return await self._not_claimed(delivered, message)
         lane = job.lane
@@ -223,10 +254,9 @@ class JobRunner:
             outcome = with_cost(outcome, job.model)
             with tracer().start_as_current_span("write outcome") as span:
                 span.set_attribute("conveyor.job.status", outcome.status.value)
-                done = await self._retrying(
-                    lambda: db.finish(
-                        self.engine, job_id, lease, outcome, seq_floor=job.seq + len(entry.text)
-                    )
+                # Retried while the database is away (group_writes.GroupWriter).
+                done = await self.writes.finish(
+                    job_id, lease, outcome, seq_floor=job.seq + len(entry.text)
                 )
         finally:
             # A later attempt of the same job may run here already (this one's lease lost).
@@ -320,31 +350,31 @@ class JobRunner:
 
     async def _run(self, job: Job, entry: InFlight) -> Outcome:
         """Call the model and turn what happened into an outcome."""
-        job_id, tenant, attempt, base_seq = str(job.id), job.tenant, job.attempts, job.seq
+        attempt = job.attempts
 
         loop = asyncio.get_running_loop()
+        entry.tenant = job.tenant
+        interest = self.interest
 
         def flush() -> None:
-            entry.flush_scheduled = False
-            n = len(entry.text)
-            for start, end in delta_runs(entry.shape, entry.sent, n):
-                text, (kind, index, block, cited) = entry.run_of(start, end)
-                entry.flushed.append(end)
-                event = delta_event(
-                    job_id, tenant, base_seq + end, text, attempt, end, kind, index, block, cited
-                )
-                entry.publishing = asyncio.create_task(self._publish_delta(event, entry.publishing))
-            entry.sent = n
+            entry.flush_handle = None
+            self._flush(entry)
 
         def on_delta(kind: int, index: int, text: str, block: bytes, cited: bytes) -> None:
-            # Pieces of one block and kind that arrive in one turn of the event loop travel
-            # as one event: no added latency, and a fast stream costs one publish per read,
-            # not per token.
+            # Unwatched, a piece is only kept: it is cut into runs when a watch starts
+            # (text_so_far) and never published. Watched, the first piece after a quiet
+            # spell goes at the end of this turn of the event loop; pieces that follow a
+            # publish by less than COALESCE_S gather until then, so a fast stream costs
+            # one event per COALESCE_S, not one per read.
             entry.text.append(text)
             entry.shape.append(shape_of(kind, index, block, cited))
-            if not entry.flush_scheduled:
-                entry.flush_scheduled = True
-                loop.call_soon(flush)
+            if entry.flush_handle is not None or not interest.watched(entry):
+                return
+            due = entry.published_at + COALESCE_S
+            if due <= loop.time():
+                entry.flush_handle = loop.call_soon(flush)
+            else:
+                entry.flush_handle = loop.call_at(due, flush)
 
         headers = simulator_headers(job.labels, attempt) if self.use_sim_headers else {}
         entry.task = asyncio.create_task(self.call(job, on_delta, headers))
@@ -354,6 +384,7 @@ class JobRunner:
         try:
             completion = await asyncio.shield(entry.task)
         except asyncio.CancelledError:
+            self._flush(entry)
             current = asyncio.current_task()
             if entry.lease_lost and current is not None and not current.cancelling():
                 raise LeaseLost(str(entry.job_id)) from None
@@ -370,7 +401,9 @@ class JobRunner:
             entry.task.cancel()
             raise
         except Exception as exc:
+            self._flush(entry)  # the last pieces go out before the final status
             return failure_outcome(job, classify(exc), self.settings)
+        self._flush(entry)
         return Outcome(
             status=JobState.SUCCEEDED,
             result_text=completion.text,
@@ -379,19 +412,60 @@ class JobRunner:
             result=completion.result,
         )
 
-    async def _publish_delta(
-        self, event: events_pb2.JobEvent, after: asyncio.Task[None] | None
+    def _cut(self, entry: InFlight) -> None:
+        """Cut the pieces not cut yet into the runs they travel as (delta_runs)."""
+        n = len(entry.text)
+        start = entry.cut
+        if start < n:
+            entry.flushed += [end for _, end in delta_runs(entry.shape, start, n)]
+
+    def _publish(self, entry: InFlight) -> None:
+        """Publish the runs cut and not published yet, in order, after the attempt's
+        earlier events."""
+        if entry.published >= len(entry.flushed):
+            return
+        job_id, tenant = str(entry.job_id), entry.tenant
+        attempt, base_seq = entry.attempt, entry.base_seq
+        start = entry.flushed[entry.published - 1] if entry.published else 0
+        events = []
+        for end in entry.flushed[entry.published :]:
+            text, (kind, index, block, cited) = entry.run_of(start, end)
+            events.append(
+                delta_event(
+                    job_id, tenant, base_seq + end, text, attempt, end, kind, index, block, cited
+                )
+            )
+            start = end
+        entry.published = len(entry.flushed)
+        entry.published_at = asyncio.get_running_loop().time()
+        entry.publishing = asyncio.create_task(self._publish_deltas(events, entry.publishing))
+
+    def _flush(self, entry: InFlight) -> None:
+        """If the attempt is watched, cut the pieces so far into runs and publish them
+        (unwatched, they are cut when a watch starts: text_so_far)."""
+        if entry.flush_handle is not None:
+            entry.flush_handle.cancel()
+            entry.flush_handle = None
+        if self.interest.watched(entry):
+            self._cut(entry)
+            self._publish(entry)
+
+    async def _publish_deltas(
+        self, events: list[events_pb2.JobEvent], after: asyncio.Task[None] | None
     ) -> None:
         if after is not None:
             await after
-        try:
-            await self.events.publish(event)
-        except Exception as exc:  # deltas are live only; the result is stored at the end
-            log.debug("delta publish failed", extra={"job_id": event.job_id, "error": repr(exc)})
+        for event in events:
+            try:
+                await self.events.publish(event)
+            except Exception as exc:  # deltas are live only; the result is stored at the end
+                log.debug(
+                    "delta publish failed", extra={"job_id": event.job_id, "error": repr(exc)}
+                )
 
     async def _emit(self, job: Job, previous: str) -> None:
-        try:
-            await self.events.publish_status(job, previous)
+        try:  # with the other changes of this turn of the loop: a claim or finish group's
+            await self.status_events.publish(job, previous)
         except Exception as exc:  # events are advisory; the row is the record
             log.warning("event publish failed", extra={"job_id": str(job.id), "error": repr(exc)})
 
