@@ -49,6 +49,9 @@ FORGET_AFTER = 10_000
 GAP_WAIT_S = 5.0
 """How long a stored status change may wait for its attempt's last deltas, still on
 their way on the bus (the worker writes the change, then publishes what is left)."""
+ENDED_ASK_S = 20.0
+"""An attempt that ended at most this long ago, its deltas not all seen, is asked of its
+worker (which keeps them longer: services.worker.runner.ENDED_KEPT_S)."""
 GAP_POLL_S = 0.05
 """While waiting for them: how often the hub's log is looked at again."""
 GAP_RECHECK_S = 0.2
@@ -156,6 +159,10 @@ class Stream:
                         tracker.waiting = [e for e in events if e.sequence >= event.sequence]
                         return out
                     await asyncio.sleep(GAP_POLL_S)
+                if not complete and not coming:
+                    asked = await self._ended_unwatched(tracker, attempt, event)
+                    if asked is not None:
+                        deltas, complete = asked, True
                 if not complete and coming:  # lost on the way (a failed publish)
                     log.warning(
                         "token deltas before a status change never arrived; sent without them",
@@ -171,6 +178,29 @@ class Stream:
             if tracker.accept(event):
                 out.append(event)
         return out
+
+    async def _ended_unwatched(
+        self, tracker: Tracker, attempt: int, event: events_pb2.JobEvent
+    ) -> list[events_pb2.JobEvent] | None:
+        """The deltas before `event` of an attempt that ended before this notifier's watch
+        of it reached its worker (a fast job watched from pending): it published them
+        nowhere, and its worker keeps them a while (services.worker.runner,
+        ENDED_KEPT_S). None if the hub's log does not show that attempt ended lately."""
+        held = self.hub.logs.get(tracker.job_id)
+        if held is None or held.attempt != attempt or held.ended is None:
+            return None
+        if time.monotonic() - held.ended > ENDED_ASK_S or self.services.text is None:
+            return None
+        text = await self.services.text.fetch(
+            tracker.tenant, tracker.job_id, attempt, self.services.settings.catchup_timeout_s
+        )
+        if text is None:
+            return None
+        return [
+            e
+            for e in text.events(tracker.tenant, tracker.last)
+            if tracker.last < e.sequence < event.sequence
+        ]
 
     # -- opening a job
 

@@ -26,6 +26,7 @@ import logging
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -73,6 +74,11 @@ COALESCE_S = 0.0
 gather into one event (see `_run`'s on_delta); at 0, those of one turn of the event
 loop do. Not raised yet: a slow reader's cut-off (tests/integration/
 test_http_api_events.py) counts events, see bench/README.md."""
+ENDED_KEPT_S = 30.0
+ENDED_KEPT_MAX = 2_000
+"""An ended attempt's pieces are kept this long (at most this many attempts): a watch
+registered just after its attempt ended (a fast job) asks for them, since an
+attempt nobody watched published its deltas nowhere."""
 
 
 class JobRunner:
@@ -102,6 +108,8 @@ class JobRunner:
         self.writes = JobWrites(engine, self.name, stopping=lambda: self.stopping)
         self.status_events = StatusEvents(events)
         self.interest = Interest()
+        self.ended: OrderedDict[uuid.UUID, tuple[float, InFlight]] = OrderedDict()
+        """Attempts that ended here lately, oldest first (`ENDED_KEPT_S`)."""
 
     def text_so_far(
         self, job_id: uuid.UUID, attempt: int, watcher: str | None = None
@@ -116,10 +124,13 @@ class JobRunner:
         go out, and the answer holds every run, so every later delta is published live
         and the answer and the live stream overlap without a gap."""
         entry = self.inflight.get(job_id)
+        running = entry is not None and entry.attempt == attempt
+        if not running:  # or ended here lately: its pieces are all there is
+            _, entry = self.ended.get(job_id, (0.0, None))
         if entry is None or entry.attempt != attempt:
             return None
         self._cut(entry)
-        if watcher is not None:
+        if watcher is not None and running:
             entry.watchers.add(watcher)
             self._publish(entry)
         deltas: list[Delta] = []
@@ -129,6 +140,17 @@ class JobRunner:
             deltas.append((end, text, kind, index, block.decode(), cited.decode()))
             start = end
         return entry.base_seq, deltas
+
+    def _keep_ended(self, entry: InFlight) -> None:
+        """Keep an ended attempt's pieces for `text_so_far` a while (`ENDED_KEPT_S`)."""
+        now = time.monotonic()
+        self.ended.pop(entry.job_id, None)
+        self.ended[entry.job_id] = (now, entry)
+        while self.ended:
+            kept_at, _ = next(iter(self.ended.values()))
+            if len(self.ended) <= ENDED_KEPT_MAX and now - kept_at < ENDED_KEPT_S:
+                break
+            self.ended.popitem(last=False)
 
     def unwatch(self, job_id: uuid.UUID, attempt: int, watcher: str) -> None:
         """The notifier `watcher` no longer watches the attempt."""
@@ -262,6 +284,7 @@ class JobRunner:
             # A later attempt of the same job may run here already (this one's lease lost).
             if self.inflight.get(job_id) is entry:
                 del self.inflight[job_id]
+                self._keep_ended(entry)
             IN_FLIGHT.dec()
         if done is None:
             log.warning("outcome refused: lease taken over", extra={"job_id": str(job_id)})
