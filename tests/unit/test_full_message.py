@@ -8,6 +8,7 @@ import base64
 import dataclasses
 import json
 import uuid
+from collections import OrderedDict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,7 @@ def test_a_workers_answer_for_a_late_watcher_holds_every_kind_and_block() -> Non
     entry.flushed = [end for _, end in delta_runs(entry.shape, 0, 4)]
     runner = JobRunner.__new__(JobRunner)
     runner.inflight = {job_id: entry}
+    runner.ended = OrderedDict()
 
     found = runner.text_so_far(job_id, 1)
     assert found is not None
