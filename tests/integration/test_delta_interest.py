@@ -139,19 +139,23 @@ async def test_a_watch_opened_while_the_job_waits_gets_every_piece(
 async def test_a_watch_of_a_job_that_ends_before_the_watch_reaches_its_worker_gets_every_piece(
     tenant_client: TenantClient,
 ) -> None:
-    # Tokens at once and no model latency: the attempt usually ends before the watch's
-    # registration (sent when the stream sees RUNNING) reaches the worker, so it published
-    # its deltas nowhere; the worker keeps an ended attempt's pieces for a while.
+    # Watched from before they run; then tokens at once and no model latency: an attempt
+    # can end before the watch's registration (sent when the stream sees RUNNING) reaches
+    # the worker, so it published its deltas nowhere; the worker keeps an ended attempt's
+    # pieces for a while and the notifier asks for them.
     fast = {"x-sim-latency-ms": "0", "x-sim-tokens": "12", "x-sim-tokens-per-second": "0"}
     async with tenant_client(tenant()) as client:
         jobs, watches = [], []
         for i in range(8):
-            job = await client.submit(MODEL, f"fast {i}", max_tokens=16, labels=fast)
+            job = await client.submit(
+                MODEL, f"fast {i}", max_tokens=16, labels=fast, delay=timedelta(seconds=2)
+            )
             jobs.append(job)
             watches.append(asyncio.create_task(_collect(client.watch(job.id))))
         streams = await asyncio.gather(*watches)
         for job, events in zip(jobs, streams, strict=True):
             done = await client.get(job.id)
+            assert events[0].snapshot.status == jobs_pb2.JOB_STATUS_SCHEDULED
             assert done.status == jobs_pb2.JOB_STATUS_SUCCEEDED
             assert_whole_attempt(events, done)
 
