@@ -197,6 +197,23 @@ async def amqp_floors(url: str, messages: int) -> dict[str, float]:
 # --------------------------------------------------------------------------- Postgres
 
 
+def _floor_jobs(n: int) -> list[db.NewJob]:
+    """`n` small jobs of the default tenant, as the Postgres floors insert them."""
+    return [
+        db.NewJob(
+            tenant="default",
+            model=MODEL,
+            request={"max_tokens": 64, "messages": []},
+            lane="default",
+            priority=0,
+            max_attempts=3,
+            timeout_ms=600_000,
+            request_hash="0" * 64,
+        )
+        for _ in range(n)
+    ]
+
+
 async def postgres_floors(database_url: str, rows: int) -> dict[str, float]:
     pool = await asyncpg.create_pool(database_url.replace("+asyncpg", ""), min_size=4, max_size=4)
     out: dict[str, float] = {}
@@ -204,19 +221,7 @@ async def postgres_floors(database_url: str, rows: int) -> dict[str, float]:
         for batch in (1, 50):
 
             async def insert(size: int = batch) -> None:
-                jobs = [
-                    db.NewJob(
-                        tenant="default",
-                        model=MODEL,
-                        request={"max_tokens": 64, "messages": []},
-                        lane="default",
-                        priority=0,
-                        max_attempts=3,
-                        timeout_ms=600_000,
-                        request_hash="0" * 64,
-                    )
-                    for _ in range(size)
-                ]
+                jobs = _floor_jobs(size)
                 params = db.insert_params(jobs, ["floors"] * size, datetime.now(UTC))
                 async with pool.acquire() as conn:
                     await conn.fetch(db._INSERT, *params)
@@ -262,19 +267,7 @@ async def _status_floors(database_url: str, rows: int) -> dict[str, float]:
     out: dict[str, float] = {}
     try:
         for batch in (1, 50):
-            jobs = [
-                db.NewJob(
-                    tenant="default",
-                    model=MODEL,
-                    request={"max_tokens": 64, "messages": []},
-                    lane="default",
-                    priority=0,
-                    max_attempts=3,
-                    timeout_ms=600_000,
-                    request_hash="0" * 64,
-                )
-                for _ in range(rows)
-            ]
+            jobs = _floor_jobs(rows)
             for i in range(0, rows, 500):
                 chunk = jobs[i : i + 500]
                 params = db.insert_params(chunk, ["floors"] * len(chunk), datetime.now(UTC))
