@@ -5,8 +5,9 @@ clients, each on its own connection:
 
 1. SubmitJob, closed loop (every client sends its next call when the last
    returns): the most jobs/s the gateway accepts, and the latency at that load;
-2. SubmitJob paced at `submit_rate` jobs/s over the same clients (open loop):
-   latency at the target rate, which DESIGN.md asks to stay under 10 ms (p99);
+2. SubmitJob paced over the same clients (open loop), at `submit_target_rate`
+   (1,000 jobs/s, whose p99 the latency budget asks to stay within 10 ms), then at
+   `submit_rate` (1,500 jobs/s, the rate of the earlier figures);
 3. SubmitJobs in batches of `batch_size`, closed loop.
 
 Runs 1 and 2 use h2load (bench.h2load) when it is installed, so that the load
@@ -71,20 +72,27 @@ async def _closed_and_paced(ctx: Context, result: Result, generator: str, headli
         met=closed.jobs_per_s >= RATE_TARGET if headline else None,
     )
     latency_figures(result, closed, f"  closed loop ({label})")
-    paced = await load(f"{generator}-paced", c.submit_rate)
-    result.add(
-        f"SubmitJob paced at {c.submit_rate:g}/s ({label}): achieved",
-        rounded(paced.jobs_per_s, 0),
-        "jobs/s",
-    )
-    latency_figures(
-        result,
-        paced,
-        f"  paced {c.submit_rate:g}/s ({label})",
-        p99_target_ms=P99_TARGET_MS if headline else None,
-    )
-    result.extra[f"{generator}_errors"] = {"closed": closed.errors, "paced": paced.errors}
-    return closed.error_count + paced.error_count
+    paced: list[LoadResult] = []
+    for rate in (c.submit_target_rate, c.submit_rate):
+        run = await load(f"{generator}-paced-{rate:g}", rate)
+        judged = headline and rate == c.submit_target_rate
+        result.add(
+            f"SubmitJob paced at {rate:g}/s ({label}): achieved",
+            rounded(run.jobs_per_s, 0),
+            "jobs/s",
+        )
+        latency_figures(
+            result,
+            run,
+            f"  paced {rate:g}/s ({label})",
+            p99_target_ms=P99_TARGET_MS if judged else None,
+        )
+        paced.append(run)
+    result.extra[f"{generator}_errors"] = {
+        "closed": closed.errors,
+        "paced": [run.errors for run in paced],
+    }
+    return closed.error_count + sum(run.error_count for run in paced)
 
 
 async def run(ctx: Context) -> Result:
