@@ -290,7 +290,10 @@ class Context:
                 " AND tablename NOT IN ('alembic_version', 'tenants', 'api_keys')"
             )
             if tables:
-                names = ", ".join(f'"{t["tablename"]}"' for t in tables)
+                # jobs first: a statement still running on it (an outbox stamp) locks it
+                # before the tables its triggers write; locked after them, it deadlocked.
+                ordered = sorted((t["tablename"] for t in tables), key=lambda t: t != "jobs")
+                names = ", ".join(f'"{t}"' for t in ordered)
                 await conn.execute(f"TRUNCATE {names} CASCADE")
             await conn.execute("UPDATE tenants SET running = 0")
         await self.sim_set(**SIM_DEFAULTS, reset_stats=True)

@@ -215,10 +215,16 @@ async def get_job(
 
 # Only rows still pending: the outbox looks at no other, and a job claimed meanwhile
 # (most of them, under load) is not written again for nothing.
+_PENDING = f"status = '{JobState.PENDING.value}'"
 _MARK_PUBLISHED = sql(
-    "UPDATE jobs SET published_at = now()"
-    " WHERE id = ANY(CAST(:ids AS uuid[])) AND published_at IS NULL"
-    f" AND status = '{JobState.PENDING.value}'"
+    # Rows locked first, in the order of their ids, as the worker's claim groups lock
+    # them (transitions.LOCK_IN_ORDER): locked in a scan's order, a stamp and a claim
+    # group deadlocked (Postgres failed the stamp, and those jobs were published again).
+    "WITH locked AS MATERIALIZED ("
+    " SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) AND published_at IS NULL"
+    f" AND {_PENDING} ORDER BY id FOR UPDATE)"
+    " UPDATE jobs SET published_at = now() FROM locked"
+    f" WHERE jobs.id = locked.id AND jobs.published_at IS NULL AND jobs.{_PENDING}"
 )
 
 

@@ -91,3 +91,21 @@ def test_the_floor_measurements_run_and_write_their_figures(tmp_path: Path) -> N
     assert any(k.startswith("loopback round trip") for k in figures)
     not_positive = {name: value for name, value in figures.items() if value <= 0}
     assert not not_positive, not_positive
+
+
+@pytest.mark.timeout(180)
+def test_the_latency_floors_run_every_chain_and_write_their_figures(tmp_path: Path) -> None:
+    out = tmp_path / "latency-floors.json"
+    run_module("bench.latency_floors", "--quick", "--out", str(out), timeout_s=170)
+    figures = json.loads(out.read_text())
+    for name in (
+        "answer at once",
+        "grouped INSERT, then answer",
+        "grouped INSERT, answer, confirmed publish",
+    ):
+        submit = figures["submit"][name]
+        assert submit["errors"] == {}, (name, submit)
+        assert submit["latency_ms"]["count"] > 0, name
+    chain = figures["chain"]
+    assert chain["finished"] == chain["jobs"], "every job of the chain was run and finished"
+    assert chain["overhead_ms"]["p50"] > 0
