@@ -26,7 +26,9 @@ reproduced:
   virtual machine a vCPU that went idle takes far longer to wake than a busy one;
 - RabbitMQ memory for a backlog (bench.backlog_floor, on nodes of its own): the
   idle node's RSS, and the memory per queued message of a lane queue and of the
-  smallest persistent message in a lazy queue.
+  smallest persistent message in a lazy queue;
+- the latency targets' paths built from these blocks alone and timed
+  (bench.latency_floors): SubmitJob offered 1,000/s, a job's overhead at 50/s.
 
     python -m bench.floors [--calls N] [--out FILE]   # prints the figures and writes them
                                                        # (default bench/results/floors-<UTC>.json)
@@ -501,6 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _serve_nothing(args.serve_grpc) if args.serve_grpc else _serve_echo(args.serve_echo)
         )
         return 0
+    from bench import latency_floors  # it builds on this module's pieces
+
     machine = report.machine(ROOT)
     with sandbox.backing_services(f"conveyor-floors-{os.getpid()}") as backing:
         stack = sandbox.Stack(backing, ROOT / "run" / "floors" / str(os.getpid()))
@@ -509,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             import uvloop
 
             figures = uvloop.run(measure(backing, args.calls))
+            latency = latency_floors.measure_sized(backing, stack.simulator_url, args.calls)
         finally:
             stack.stop_all()
     memory = backlog_floor.measure(args.backlog or 10 * args.calls)
@@ -517,10 +522,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {label}: {value:,.0f} µs")
     for label, value in memory.items():
         print(f"  {label}: {value:,.1f}")
+    latency_floors.print_figures(latency)
     out = args.out or ROOT / "bench" / "results" / f"floors-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.write_text(
         json.dumps(
-            {"machine": machine, "calls": args.calls, "us": figures, "memory": memory}, indent=1
+            {
+                "machine": machine,
+                "calls": args.calls,
+                "us": figures,
+                "memory": memory,
+                "latency": latency,
+            },
+            indent=1,
         )
     )
     print(f"figures written to {out}")

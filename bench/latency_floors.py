@@ -12,8 +12,9 @@ that path takes here:
   2. insert the job first, then answer: Conveyor's INSERT, in the least group commit
      (the calls that arrive while a statement runs share the next; one job per
      statement costs Postgres too much CPU for 1,000/s on 2 cores: `bench.floors`);
-  3. also publish the job's message, persistent and confirmed, once answered (as the
-     gateway does: accepted means committed, the message follows).
+  3. also publish each group's messages once answered, persistent and confirmed, in
+     one write (`broker.publish_jobs`, as the gateway does: accepted means committed,
+     the message follows).
 - Overhead at 50 jobs/s (target: p50 ≤ 5 ms). Each job is inserted and published here,
   paced; another process consumes it, marks it running (a claim's status UPDATE), makes
   a streamed Messages call through the anthropic SDK to the simulator (1,000 ms to the
@@ -22,6 +23,8 @@ that path takes here:
   Conveyor's.
 
     python -m bench.latency_floors [--quick] [--out FILE]
+
+`python -m bench.floors` runs them too, after the blocks' CPU floors.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ SUBMIT_RATE = 1_000.0
 SUBMIT_MODES = (
     "answer at once",
     "grouped INSERT, then answer",
-    "grouped INSERT, answer, confirmed publish",
+    "grouped INSERT, answer, the group's confirmed publish",
 )
 CHAIN_RATE = 50.0
 MODEL_LATENCY_MS = 1_000.0
@@ -119,12 +122,17 @@ async def _amqp(url: str, queue: str) -> AsyncIterator[aio_pika.abc.AbstractChan
 
 class _GroupInsert:
     """The least group commit: the submits that arrive while a statement runs go
-    together in the next one (Conveyor's INSERT), one statement at a time, no pacing."""
+    together in the next one (Conveyor's INSERT), one statement at a time, no pacing;
+    with an `exchange`, each group's messages are then published together and
+    confirmed (`broker.publish_jobs`: the cheapest publish there is here)."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
+    def __init__(
+        self, pool: asyncpg.Pool, exchange: aio_pika.abc.AbstractExchange | None, queue: str
+    ) -> None:
+        self.pool, self.exchange, self.queue = pool, exchange, queue
         self.waiting: list[asyncio.Future[uuid.UUID]] = []
         self.draining: asyncio.Task[None] | None = None
+        self.publishing: set[asyncio.Task[Any]] = set()
 
     async def insert(self) -> uuid.UUID:
         done: asyncio.Future[uuid.UUID] = asyncio.get_running_loop().create_future()
@@ -140,33 +148,29 @@ class _GroupInsert:
             params = db.insert_params(jobs, ["floors"] * len(jobs), datetime.now(UTC))
             async with self.pool.acquire() as conn:
                 await conn.fetch(db._INSERT, *params)
+            if self.exchange is not None:  # accepted means committed; the messages follow
+                messages = [
+                    broker.JobPublish(broker.JobMessage(job.id, job.tenant), self.queue, 1, {})
+                    for job in jobs
+                ]
+                task = asyncio.create_task(broker.publish_jobs(self.exchange, messages))
+                self.publishing.add(task)
+                task.add_done_callback(self.publishing.discard)
             for done, job in zip(group, jobs, strict=True):
                 done.set_result(job.id)
         self.draining = None
 
 
 class _Submit(jobs_pb2_grpc.JobServiceServicer):
-    """SubmitJob reduced to the blocks of `mode` (an index of SUBMIT_MODES)."""
+    """SubmitJob reduced to the blocks of its `inserts` (none: it answers at once)."""
 
-    def __init__(
-        self,
-        inserts: _GroupInsert | None,
-        exchange: aio_pika.abc.AbstractExchange | None,
-        queue: str,
-    ) -> None:
-        self.inserts, self.exchange, self.queue = inserts, exchange, queue
-        self.publishing: set[asyncio.Task[None]] = set()
+    def __init__(self, inserts: _GroupInsert | None) -> None:
+        self.inserts = inserts
 
     async def SubmitJob(
         self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.SubmitJobResponse:
-        job_id = uuid.UUID(int=1)
-        if self.inserts is not None:
-            job_id = await self.inserts.insert()
-        if self.exchange is not None:
-            task = asyncio.create_task(_publish(self.exchange, self.queue, job_id))
-            self.publishing.add(task)
-            task.add_done_callback(self.publishing.discard)
+        job_id = uuid.UUID(int=1) if self.inserts is None else await self.inserts.insert()
         return jobs_pb2.SubmitJobResponse(job=jobs_pb2.Job(id=str(job_id)))
 
 
@@ -174,12 +178,10 @@ async def _serve_submit(port: int, mode: int, database_url: str, amqp_url: str) 
     pool = await asyncpg.create_pool(_pg(database_url), min_size=2, max_size=2)
     queue = "latency-floors-submit"
     async with _amqp(amqp_url, queue) as channel:
+        exchange = channel.default_exchange if mode >= 2 else None
+        inserts = _GroupInsert(pool, exchange, queue) if mode >= 1 else None
         # Only SubmitJob is called; the stubs' other methods answer UNIMPLEMENTED.
-        servicer = _Submit(  # type: ignore[abstract]
-            _GroupInsert(pool) if mode >= 1 else None,
-            channel.default_exchange if mode >= 2 else None,
-            queue,
-        )
+        servicer = _Submit(inserts)  # type: ignore[abstract]
         server = grpc.aio.server()
         jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, server)
         server.add_insecure_port(f"127.0.0.1:{port}")  # SO_REUSEPORT: the processes share it
@@ -348,7 +350,17 @@ async def measure(
     }
 
 
-def _print(figures: dict[str, Any]) -> None:
+def measure_sized(backing: sandbox.Backing, simulator: str, calls: int) -> dict[str, Any]:
+    """`measure` with `calls` SubmitJob calls per server (at least 300) and a tenth of
+    them as jobs of the chain (at least 20, at most 500), as many server processes as
+    the bench's gateway (bench.__main__.bench_env)."""
+    calls = max(300, calls)
+    processes = int(os.environ.get("CONVEYOR_GATEWAY_PROCESSES", str(os.cpu_count() or 1)))
+    jobs = min(500, max(20, calls // 10))
+    return uvloop.run(measure(backing, simulator, calls, jobs, processes))
+
+
+def print_figures(figures: dict[str, Any]) -> None:
     submit = figures["submit"]
     print(
         f"SubmitJob offered {SUBMIT_RATE:,.0f}/s ({submit['load_generator']}, "
@@ -387,19 +399,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve_worker:
         uvloop.run(_serve_worker(*args.serve_worker))
         return 0
-    calls, jobs = (300, 20) if args.quick else (5_000, 500)
-    # As many server processes as the bench's gateway (bench.__main__.bench_env).
-    processes = int(os.environ.get("CONVEYOR_GATEWAY_PROCESSES", str(os.cpu_count() or 1)))
     machine = report.machine(ROOT)
     with sandbox.backing_services(f"conveyor-floors-{os.getpid()}") as backing:
         stack = sandbox.Stack(backing, ROOT / "run" / "floors" / str(os.getpid()))
         try:
             stack.start("simulator")
-            figures = uvloop.run(measure(backing, stack.simulator_url, calls, jobs, processes))
+            figures = measure_sized(backing, stack.simulator_url, 300 if args.quick else 5_000)
         finally:
             stack.stop_all()
     print(f"Conveyor latency floors — {report.describe_machine(machine)}")
-    _print(figures)
+    print_figures(figures)
     out = args.out or (
         ROOT / "bench" / "results" / f"latency-floors-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     )

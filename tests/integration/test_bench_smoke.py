@@ -81,31 +81,30 @@ def _bench_pid(doc: dict[str, object]) -> str:
     return str(config["pid"])
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_the_floor_measurements_run_and_write_their_figures(tmp_path: Path) -> None:
     out = tmp_path / "floors.json"
-    run_module("bench.floors", "--calls", "300", "--out", str(out), timeout_s=170)
-    figures = json.loads(out.read_text())["us"]
+    run_module("bench.floors", "--calls", "300", "--out", str(out), timeout_s=280)
+    doc = json.loads(out.read_text())
+    figures = doc["us"]
     assert any(k.startswith("grpc.aio server") for k in figures)
     assert any(k.startswith("Postgres") for k in figures)
     assert any(k.startswith("loopback round trip") for k in figures)
-    not_positive = {name: value for name, value in figures.items() if value <= 0}
-    assert not not_positive, not_positive
+    # Postgres and RabbitMQ are read in clock ticks (10 ms): a few statements may show 0.
+    negative = {name: value for name, value in figures.items() if value < 0}
+    assert not negative, negative
+    assert figures["grpc.aio client (Python), CPU per call"] > 0
 
-
-@pytest.mark.timeout(180)
-def test_the_latency_floors_run_every_chain_and_write_their_figures(tmp_path: Path) -> None:
-    out = tmp_path / "latency-floors.json"
-    run_module("bench.latency_floors", "--quick", "--out", str(out), timeout_s=170)
-    figures = json.loads(out.read_text())
+    # The latency targets' paths, built from the blocks alone (bench.latency_floors).
+    latency = doc["latency"]
     for name in (
         "answer at once",
         "grouped INSERT, then answer",
-        "grouped INSERT, answer, confirmed publish",
+        "grouped INSERT, answer, the group's confirmed publish",
     ):
-        submit = figures["submit"][name]
+        submit = latency["submit"][name]
         assert submit["errors"] == {}, (name, submit)
         assert submit["latency_ms"]["count"] > 0, name
-    chain = figures["chain"]
+    chain = latency["chain"]
     assert chain["finished"] == chain["jobs"], "every job of the chain was run and finished"
     assert chain["overhead_ms"]["p50"] > 0
