@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -482,6 +483,19 @@ async def measure(backing: sandbox.Backing, calls: int) -> dict[str, float]:
     return figures
 
 
+@contextlib.contextmanager
+def simulator_backing() -> Iterator[tuple[sandbox.Backing, str]]:
+    """A vhost and a database of their own, with the simulator running: the backing
+    and the simulator's URL."""
+    with sandbox.backing_services(f"conveyor-floors-{os.getpid()}") as backing:
+        stack = sandbox.Stack(backing, ROOT / "run" / "floors" / str(os.getpid()))
+        try:
+            stack.start("simulator")
+            yield backing, stack.simulator_url
+        finally:
+            stack.stop_all()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.floors", description=__doc__.split("\n")[0]
@@ -506,16 +520,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bench import latency_floors  # it builds on this module's pieces
 
     machine = report.machine(ROOT)
-    with sandbox.backing_services(f"conveyor-floors-{os.getpid()}") as backing:
-        stack = sandbox.Stack(backing, ROOT / "run" / "floors" / str(os.getpid()))
-        try:
-            stack.start("simulator")
-            import uvloop
+    with simulator_backing() as (backing, simulator):
+        import uvloop
 
-            figures = uvloop.run(measure(backing, args.calls))
-            latency = latency_floors.measure_sized(backing, stack.simulator_url, args.calls)
-        finally:
-            stack.stop_all()
+        figures = uvloop.run(measure(backing, args.calls))
+        latency = latency_floors.measure_sized(backing, simulator, args.calls)
     memory = backlog_floor.measure(args.backlog or 10 * args.calls)
     print(f"Conveyor floors — {report.describe_machine(machine)}")
     for label, value in figures.items():

@@ -49,7 +49,7 @@ import grpc
 import uvloop
 
 from bench import h2load, report
-from bench.floors import MODEL, _floor_jobs, _request
+from bench.floors import MODEL, _floor_jobs, _request, simulator_backing
 from bench.harness import gateway_clients, submit_load, summarize
 from conveyor.bus import broker
 from conveyor.db import jobs as db
@@ -400,13 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         uvloop.run(_serve_worker(*args.serve_worker))
         return 0
     machine = report.machine(ROOT)
-    with sandbox.backing_services(f"conveyor-floors-{os.getpid()}") as backing:
-        stack = sandbox.Stack(backing, ROOT / "run" / "floors" / str(os.getpid()))
-        try:
-            stack.start("simulator")
-            figures = measure_sized(backing, stack.simulator_url, 300 if args.quick else 5_000)
-        finally:
-            stack.stop_all()
+    with simulator_backing() as (backing, simulator):
+        figures = measure_sized(backing, simulator, 300 if args.quick else 5_000)
     print(f"Conveyor latency floors — {report.describe_machine(machine)}")
     print_figures(figures)
     out = args.out or (
