@@ -51,18 +51,18 @@ class NewJob:
     """The UTC day (and so month) the reservation counts in."""
 
 
-def _status(job: NewJob, now: datetime) -> str:
+def _status(job: NewJob, now: datetime) -> JobState:
     """A new job's first status (the table's `submit`): scheduled when its run_at lies
     ahead."""
     scheduled = job.run_at is not None and job.run_at > now
-    return (JobState.SCHEDULED if scheduled else JobState.PENDING).value
+    return JobState.SCHEDULED if scheduled else JobState.PENDING
 
 
 def values(job: NewJob, now: datetime) -> dict[str, Any]:
     return {
         "id": job.id,
         "tenant": job.tenant,
-        "status": _status(job, now),
+        "status": _status(job, now).value,
         "lane": job.lane,
         "priority": job.priority,
         "model": job.model,
@@ -120,9 +120,7 @@ def as_stored(job: NewJob, now: datetime) -> Job:
     return Job(
         id=job.id,
         tenant=job.tenant,
-        status=JobState.SCHEDULED
-        if job.run_at is not None and job.run_at > now
-        else JobState.PENDING,
+        status=_status(job, now),
         lane=job.lane,
         model=job.model,
         priority=job.priority,
@@ -154,7 +152,7 @@ def insert_params(
         now,
         [j.id for j in new_jobs],
         [j.tenant for j in new_jobs],
-        [_status(j, now) for j in new_jobs],
+        [_status(j, now).value for j in new_jobs],
         [j.lane for j in new_jobs],
         [j.priority for j in new_jobs],
         [j.model for j in new_jobs],
