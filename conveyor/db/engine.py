@@ -26,6 +26,7 @@ from conveyor.core.telemetry import exporting, tracer
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 T = TypeVar("T")
+W = TypeVar("W")
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,37 @@ def is_data_error(exc: BaseException) -> bool:
             return True
         seen = getattr(seen, "orig", None) or seen.__cause__
     return False
+
+
+async def write_by_halves(
+    batch: Sequence[W],
+    write: Callable[[Sequence[W]], Awaitable[None]],
+    fail: Callable[[Sequence[W], BaseException], None],
+    name: str,
+) -> None:
+    """`write` a group of items that share one statement (it answers them), so that one
+    item's bad value fails that item alone: the statement then wrote nothing
+    (`is_data_error`), so the group is split in halves and each half written again,
+    until the item holding the value fails by itself. Any other error is `fail`ed to
+    every item of the group, and raised again unless it is an Exception (cancelled)."""
+    try:
+        await write(batch)
+    except BaseException as exc:
+        if len(batch) > 1 and is_data_error(exc):
+            log.info(
+                "a grouped write refused a value; splitting it",
+                extra={"writes": name, "items": len(batch)},
+            )
+            half = len(batch) // 2
+            try:
+                await write_by_halves(batch[:half], write, fail, name)
+                await write_by_halves(batch[half:], write, fail, name)
+            finally:  # cancelled meanwhile: no item is left without an answer
+                fail(batch, asyncio.CancelledError())
+            return
+        fail(batch, exc)
+        if not isinstance(exc, Exception):
+            raise
 
 
 _SERVER_TIMEOUTS = (

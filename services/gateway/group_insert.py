@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from conveyor.core.errors import ResourceExhausted
 from conveyor.core.lifecycle import Job
 from conveyor.db import jobs as db
-from conveyor.db.engine import is_data_error
+from conveyor.db.engine import write_by_halves
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class GroupInsert:
                     first = False
                     self._starting = False
                     self._kick()  # later arrivals may use another statement meanwhile
-                await self._insert(batch)
+                await write_by_halves(batch, self._insert, _fail, "inserts")
         finally:
             if first:
                 self._starting = False
@@ -141,28 +141,11 @@ class GroupInsert:
             rows += len(item.jobs)
         return batch
 
-    async def _insert(self, batch: list[_Waiting]) -> None:
+    async def _insert(self, batch: Sequence[_Waiting]) -> None:
+        """One INSERT for `batch`, the answers, and what follows the commit."""
         jobs = [job for item in batch for job in item.jobs]
         actors = [item.actor for item in batch for _ in item.jobs]
-        try:
-            inserted = {j.id: j for j in await db.insert_jobs(self.engine, jobs, actors)}
-        except BaseException as exc:
-            if len(batch) > 1 and is_data_error(exc):
-                # A value of one submit; the statement inserted nothing: find it by halves.
-                log.info(
-                    "a grouped insert refused a value; splitting it", extra={"submits": len(batch)}
-                )
-                half = len(batch) // 2
-                try:
-                    await self._insert(batch[:half])
-                    await self._insert(batch[half:])
-                finally:  # cancelled meanwhile: no submit is left without an answer
-                    _fail(batch, asyncio.CancelledError())
-                return
-            _fail(batch, exc)  # every submit of the statement gets the error
-            if not isinstance(exc, Exception):
-                raise
-            return
+        inserted = {j.id: j for j in await db.insert_jobs(self.engine, jobs, actors)}
         for item in batch:
             if not item.done.done():
                 item.done.set_result({j.id: inserted[j.id] for j in item.jobs if j.id in inserted})
@@ -178,7 +161,7 @@ class GroupInsert:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _fail(batch: list[_Waiting], exc: BaseException) -> None:
+def _fail(batch: Sequence[_Waiting], exc: BaseException) -> None:
     """Answer `exc` to the submits of `batch` that have no answer yet."""
     for item in batch:
         if not item.done.done():

@@ -52,7 +52,7 @@ from conveyor.bus.events import EventPublisher, status_event
 from conveyor.core.lifecycle import Job, Outcome
 from conveyor.core.telemetry import inject_headers
 from conveyor.db import transitions
-from conveyor.db.engine import is_data_error, retry_transient
+from conveyor.db.engine import retry_transient, write_by_halves
 from conveyor.db.transitions import ClaimRequest, FinishRequest
 
 log = logging.getLogger(__name__)
@@ -129,14 +129,16 @@ class GroupWriter(Generic[In, Out]):
                     if not waiting.done.done():  # its caller is gone: nothing to write
                         batch.append(waiting)
                 if batch:
-                    await self._write(batch)
+                    await write_by_halves(batch, self._write, _fail, self.name)
         finally:
             self._task = None
             if self._waiting:  # only if cancelled: nothing else leaves items behind
                 _fail(list(self._waiting), asyncio.CancelledError())
                 self._waiting.clear()
 
-    async def _write(self, batch: list[_Waiting[In, Out]]) -> None:
+    async def _write(self, batch: Sequence[_Waiting[In, Out]]) -> None:
+        """One statement for `batch` (tried again while the database is unavailable),
+        and the answers."""
         items = [w.item for w in batch]
         started = 0.0
 
@@ -148,30 +150,11 @@ class GroupWriter(Generic[In, Out]):
                 return [await self.write_one(items[0])]
             return await self.write_many(items)
 
-        try:
-            results = await retry_transient(
-                attempt,
-                message=f"database unavailable; {self.name} retrying",
-                stopping=self.stopping,
-            )
-        except BaseException as exc:
-            if len(batch) > 1 and is_data_error(exc):
-                # A value of one item; the statement wrote nothing: find it by halves.
-                log.info(
-                    "a grouped write refused a value; splitting it",
-                    extra={"writes": self.name, "items": len(batch)},
-                )
-                half = len(batch) // 2
-                try:
-                    await self._write(batch[:half])
-                    await self._write(batch[half:])
-                finally:  # cancelled meanwhile: no caller is left without an answer
-                    _fail(batch, asyncio.CancelledError())
-                return
-            _fail(batch, exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
+        results = await retry_transient(
+            attempt,
+            message=f"database unavailable; {self.name} retrying",
+            stopping=self.stopping,
+        )
         self.rows += len(batch)
         for waiting, result in zip(batch, results, strict=True):
             if not waiting.done.done():
