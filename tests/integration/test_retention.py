@@ -93,13 +93,14 @@ async def test_finished_jobs_past_their_tenants_retention_are_purged_with_their_
         waiting = await a.submit(MODEL, "later", max_tokens=16, delay=timedelta(hours=1))
         within_default = await _finished_job(b)
         kept_forever = await _finished_job(c)
+        # Read before aging: once aged, the dispatcher may purge at any moment.
+        before = _purged_metric(stack, "jobs")
+        for job_id in expired:
+            assert (await _rows(db, job_id))["webhook_deliveries"] > 0
         for job_id in expired:
             await _age(db, job_id, 2)  # past tenant a's one day
         await _age(db, within_default, 2)  # within the default 30 days
         await _age(db, kept_forever, 4000)  # retention 0: never purged
-        before = _purged_metric(stack, "jobs")
-        for job_id in expired:
-            assert (await _rows(db, job_id))["webhook_deliveries"] > 0
 
         async def purged() -> bool:
             return [(await _rows(db, j))["jobs"] for j in expired] == [0] * len(expired)
