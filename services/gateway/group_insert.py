@@ -14,11 +14,14 @@ The statements run in tasks of their own, so a submit cancelled while it waits
 (its client went away) interrupts no one else's INSERT; its jobs may still be
 inserted, and the outbox publishes them.
 
-`after_commit` gets every statement's new rows once they are committed and its
-submits have their answers: it publishes them (services.gateway.servicer). The
-statement's task waits for it before taking more submits, so publishing keeps up
-with accepting: when it cannot, submits wait here and the next statements grow,
-which is also what makes their publishing cheaper per job.
+`after_commit` gets every statement's new rows once they are committed, before its
+submits have their answers: it starts publishing them (services.gateway.servicer)
+and returns what finishes when they are published. Called first, its messages are
+written before the answers are, so a worker starts on a job while its caller is
+still being answered; the answers do not wait for the broker's confirms. The
+statement's task waits for the publishing before taking more submits, so publishing
+keeps up with accepting: when it cannot, submits wait here and the next statements
+grow, which is also what makes their publishing cheaper per job.
 
 One submit's bad value must not fail the others it shares a statement with: when
 a shared INSERT fails with a data error (a value Postgres refuses, not a lost
@@ -61,7 +64,7 @@ class GroupInsert:
         engine: AsyncEngine,
         statements: int = 2,
         max_rows: int = 500,
-        after_commit: Callable[[list[Job]], Awaitable[None]] | None = None,
+        after_commit: Callable[[list[Job]], Awaitable[object]] | None = None,
         interval_s: float = 0.0,
         max_waiting: int = 10_000,
     ) -> None:
@@ -146,12 +149,22 @@ class GroupInsert:
         jobs = [job for item in batch for job in item.jobs]
         actors = [item.actor for item in batch for _ in item.jobs]
         inserted = {j.id: j for j in await db.insert_jobs(self.engine, jobs, actors)}
-        for item in batch:
-            if not item.done.done():
-                item.done.set_result({j.id: inserted[j.id] for j in item.jobs if j.id in inserted})
-        if inserted and self.after_commit is not None:
+        publishing = None
+        try:
+            if inserted and self.after_commit is not None:
+                publishing = self.after_commit(list(inserted.values()))
+                # One turn of the loop: the publishing's first steps hand the messages to
+                # the broker connection's writer, whose turn then comes before the answers'.
+                await asyncio.sleep(0)
+        finally:  # committed: answered, even if cancelled meanwhile
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_result(
+                        {j.id: inserted[j.id] for j in item.jobs if j.id in inserted}
+                    )
+        if publishing is not None:
             try:
-                await self.after_commit(list(inserted.values()))
+                await publishing
             except Exception as exc:  # the jobs are committed: the outbox publishes them
                 log.warning("publishing committed jobs failed", extra={"error": repr(exc)})
 

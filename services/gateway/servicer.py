@@ -15,7 +15,7 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 
 import grpc
@@ -201,24 +201,27 @@ class JobServiceServicer(jobs_pb2_grpc.JobServiceServicer):
             for job, replay in results
         ]
 
-    async def _announce(self, jobs: list[Job]) -> None:
-        """New jobs are committed: publish their events and queue them.
+    def _announce(self, jobs: list[Job]) -> Awaitable[object]:
+        """New jobs are committed: queue them and publish their events; done when both are.
 
-        SubmitJob has answered already (GroupInsert): accepted means committed, and a
-        job whose publish fails (or never happens, the gateway dying first) is the
-        outbox reconciler's to publish.
+        Both start now, in that order, ahead of what is scheduled after this call (the
+        answers to their submits, GroupInsert): a worker waits for the jobs' messages,
+        only watchers for the events. Accepted means committed: SubmitJob does not wait
+        for them, and a job whose publish fails (or never happens, the gateway dying
+        first) is the outbox reconciler's to publish.
         """
         for lane, n in Counter(job.lane for job in jobs).items():
             JOBS_SUBMITTED.labels(lane).inc(n)
-        # The jobs' messages first: a worker waits for them; the events only tell watchers.
         queued = asyncio.create_task(
             self.queue.enqueue([j for j in jobs if j.status == JobState.PENDING])
         )
+        return asyncio.gather(queued, asyncio.create_task(self._publish_events(jobs)))
+
+    async def _publish_events(self, jobs: list[Job]) -> None:
         try:
             await self.events.publish_statuses(jobs, None)
         except Exception as exc:  # events are advisory; the rows are the record
             log.warning("event publish failed", extra={"jobs": len(jobs), "error": repr(exc)})
-        await queued
 
     async def close(self) -> None:
         """Finish the inserts under way and announce the jobs committed so far."""
