@@ -364,6 +364,18 @@ def install_stop_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
+def freeze_startup_heap() -> None:
+    """Keep what start-up made out of the garbage collector's sight.
+
+    Modules, metadata, descriptors, the request-body validator, the server and its
+    connections live as long as the process; a full collection that walks them
+    stalls every call in flight (bench/README.md). Called before the event loop
+    starts (the imports) and by each service once it is ready (what `serve` built:
+    the validator alone pulls in thousands of the SDK's modules)."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_service(
     name: str,
     serve: Callable[[Settings, asyncio.Event], Awaitable[None]],
@@ -405,11 +417,7 @@ def run_service(
         finally:
             provider.shutdown()  # flush the spans still buffered
 
-    # What start-up made (modules, metadata, descriptors) lives as long as the process:
-    # kept out of the collector's sight, a full collection no longer walks it (a full
-    # collection stalls every call in flight).
-    gc.collect()
-    gc.freeze()
+    freeze_startup_heap()  # the imports; the service calls it again once ready
     try:
         try:
             import uvloop

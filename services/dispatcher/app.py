@@ -9,7 +9,7 @@ from conveyor.bus import broker
 from conveyor.bus.events import EventPublisher
 from conveyor.bus.outbox import JobQueue, TenantLanes
 from conveyor.core.config import Settings
-from conveyor.server.runtime import backing_services
+from conveyor.server.runtime import backing_services, freeze_startup_heap
 
 from .batcher import run_batcher
 from .dead_letters import DeadLetterHandler
@@ -41,6 +41,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         firing = asyncio.create_task(run_schedules(engine, queue, events, settings, stop))
         purging = asyncio.create_task(run_retention(engine, settings, stop))
         batching = asyncio.create_task(run_batcher(engine, events, settings, stop))
+        freeze_startup_heap()
         log.info("dispatcher ready")
         await stop.wait()
         await topology.dead_queue.cancel(tag)

@@ -13,7 +13,7 @@ from conveyor.bus.events import EventPublisher
 from conveyor.bus.outbox import JobQueue, TenantLanes
 from conveyor.contract import request_body
 from conveyor.core.config import Settings
-from conveyor.server.runtime import backing_services, serving
+from conveyor.server.runtime import backing_services, freeze_startup_heap, serving
 from conveyor.v1 import (
     jobs_pb2,
     jobs_pb2_grpc,
@@ -81,6 +81,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             engine=engine,
             grace_s=5,
         ) as port:
+            freeze_startup_heap()
             log.info(
                 "gateway ready",
                 extra={"address": f"{settings.gateway_host}:{port}", "tls": settings.tls},

@@ -43,7 +43,7 @@ from aiohttp import web
 
 from conveyor.core.config import Settings
 from conveyor.core.metrics import HTTP_REQUESTS
-from conveyor.server.runtime import max_request_bytes
+from conveyor.server.runtime import freeze_startup_heap, max_request_bytes
 
 from . import errors, site
 from .api import Api, Handler
@@ -211,6 +211,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await runner.setup()
     listener = web.TCPSite(runner, settings.http_host, settings.http_port)
     await listener.start()
+    freeze_startup_heap()
     log.info("http ready", extra={"address": f"{settings.http_host}:{settings.http_port}"})
     try:
         await stop.wait()

@@ -15,7 +15,7 @@ import uuid
 from conveyor.bus import broker
 from conveyor.bus.catchup import TextSoFarClient
 from conveyor.core.config import Settings
-from conveyor.server.runtime import backing_services, serving
+from conveyor.server.runtime import backing_services, freeze_startup_heap, serving
 from conveyor.v1 import events_pb2, events_pb2_grpc
 
 from .hub import Hub
@@ -88,6 +88,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             engine=engine,
             grace_s=2,
         ) as port:
+            freeze_startup_heap()
             log.info("notifier ready", extra={"address": f"{settings.notifier_host}:{port}"})
             await stop.wait()
         await sender.stop()

@@ -31,7 +31,7 @@ from conveyor.core.config import Settings
 from conveyor.db import operations as ops_db
 from conveyor.db.engine import is_transient
 from conveyor.llm.provider import Provider
-from conveyor.server.runtime import backing_services
+from conveyor.server.runtime import backing_services, freeze_startup_heap
 
 from .consumers import TenantConsumers, refresh_forever
 from .inflight import lease_hold_s
@@ -242,6 +242,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             heartbeat = asyncio.create_task(
                 _heartbeat(runner, settings.worker_heartbeat_s, settings.lease_s)
             )
+            freeze_startup_heap()
             log.info(
                 "worker ready",
                 extra={
