@@ -6,7 +6,6 @@ publishing to finish (accepted means committed; the outbox publishes what fails)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -15,12 +14,11 @@ from conveyor.contract.validation import validate_submit
 from conveyor.core.config import Settings
 from conveyor.core.lifecycle import Job
 from conveyor.db import jobs as db_jobs
-from conveyor.db.engine import create_engine
 from conveyor.v1 import jobs_pb2
 from services.gateway.group_insert import GroupInsert
-from tests.stack import Backing, Stack
 
-pytestmark = pytest.mark.integration
+# The stack has migrated the database that `db` reaches.
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 
 
 def _job(tenant: str) -> db_jobs.NewJob:
@@ -30,14 +28,6 @@ def _job(tenant: str) -> db_jobs.NewJob:
         messages=[jobs_pb2.Message(role="user", content="Hello")],
     )
     return validate_submit(request, Settings(), tenant)
-
-
-@pytest.fixture
-async def engine(stack: Stack, backing: Backing) -> AsyncIterator[AsyncEngine]:
-    """An engine of the test's own on the stack's database (the stack has migrated it)."""
-    engine = create_engine(backing.database_url, pool_size=2)
-    yield engine
-    await engine.dispose()
 
 
 class _Publisher:
@@ -59,11 +49,11 @@ class _Publisher:
 
 
 async def test_the_jobs_are_handed_to_the_publisher_before_their_submits_are_answered(
-    engine: AsyncEngine,
+    db: AsyncEngine,
 ) -> None:
     log: list[str] = []
     publisher = _Publisher(log)
-    inserts = GroupInsert(engine, after_commit=publisher.after_commit)
+    inserts = GroupInsert(db, after_commit=publisher.after_commit)
     jobs = [_job("publish-order")]
 
     async def submit() -> None:
@@ -82,11 +72,11 @@ async def test_the_jobs_are_handed_to_the_publisher_before_their_submits_are_ans
     assert [job.id for job in publisher.published] == [job.id for job in jobs]
 
 
-async def test_a_failed_publishing_leaves_the_submit_accepted(engine: AsyncEngine) -> None:
+async def test_a_failed_publishing_leaves_the_submit_accepted(db: AsyncEngine) -> None:
     async def failing(jobs: list[Job]) -> None:
         raise ConnectionError("the broker went away")
 
-    inserts = GroupInsert(engine, after_commit=lambda jobs: asyncio.ensure_future(failing(jobs)))
+    inserts = GroupInsert(db, after_commit=lambda jobs: asyncio.ensure_future(failing(jobs)))
     jobs = [_job("publish-fails")]
     inserted = await asyncio.wait_for(inserts.insert(jobs, "tests"), 30)
     await inserts.close()
