@@ -108,3 +108,29 @@ def test_the_floor_measurements_run_and_write_their_figures(tmp_path: Path) -> N
     chain = latency["chain"]
     assert chain["finished"] == chain["jobs"], "every job of the chain was run and finished"
     assert chain["overhead_ms"]["p50"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_conveyor_and_its_latency_floors_are_measured_alternately_in_one_run(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "against-floors.json"
+    run_module("bench.against_floors", "--quick", "--pairs", "1", "--out", str(out), timeout_s=580)
+    doc = json.loads(out.read_text())
+    (pair,) = doc["pairs"]
+    conveyor = pair["conveyor"]
+    assert conveyor["submit_errors"] == {}, conveyor["submit_errors"]
+    assert conveyor["submit"]["count"] > 0
+    assert conveyor["overhead"]["count"] == conveyor["finished"] > 0, "every paced job finished"
+    assert pair["floors"]["chain"]["finished"] == pair["floors"]["chain"]["jobs"]
+    figures = [row["figure"] for row in doc["table"]]
+    assert figures == [
+        "SubmitJob offered 1,000/s: p50",
+        "SubmitJob offered 1,000/s: p99",
+        "overhead at 50 jobs/s: p50",
+        "overhead at 50 jobs/s: p99",
+        "… of which queue wait: p50",
+    ]
+    for row in doc["table"]:
+        assert row["floor_ms"] > 0 and row["conveyor_ms"] > 0, row
+        assert len(row["ratios"]) == 1, row
