@@ -1,19 +1,17 @@
 """Group commit: concurrent submits share INSERT statements.
 
 Each submit hands its jobs to `GroupInsert.insert` and gets back the rows that were
-inserted (a job absent from the answer collided with an idempotency key). At most
-`statements` INSERTs run at once, and one starts at most every `interval_s`; the
-submits that arrive meanwhile wait and go together in the next one, up to
-`max_rows` jobs. So an idle gateway inserts each submit at once, alone; a busy one
-spends one statement, one round trip and one commit on many submits instead of
-one each. Postgres spends about 0.33 ms of CPU per statement and 0.06 ms per job
+inserted (a job absent from the answer collided with an idempotency key). One INSERT
+runs at a time, and one starts at most every `interval_s`; the submits that arrive
+meanwhile wait and go together in the next one, up to `max_rows` jobs. So an idle
+gateway inserts each submit at once, alone; a busy one spends one statement, one
+round trip and one commit on many submits instead of one each. Postgres spends about 0.33 ms of CPU per statement and 0.06 ms per job
 (`python -m bench.floors`), so the pacing is what keeps a busy gateway's statements few:
 without it they follow each other as fast as they return, with a job or two each.
-A gateway process runs one statement at a time: with a second beside it, each
-statement carried fewer submits and SubmitJob's p99 at 1,000/s was about twice as
-high (bench/README.md).
+One at a time, not two: with a second statement beside it, each carried fewer
+submits and SubmitJob's p99 at 1,000/s was about twice as high (bench/README.md).
 
-The statements run in tasks of their own, so a submit cancelled while it waits
+The statements run in a task of their own, so a submit cancelled while it waits
 (its client went away) interrupts no one else's INSERT; its jobs may still be
 inserted, and the outbox publishes them.
 
@@ -65,7 +63,6 @@ class GroupInsert:
     def __init__(
         self,
         engine: AsyncEngine,
-        statements: int = 1,
         max_rows: int = 500,
         after_commit: Callable[[list[Job]], Awaitable[object]] | None = None,
         interval_s: float = 0.0,
@@ -76,12 +73,10 @@ class GroupInsert:
         self.interval_s = interval_s
         self._next_start = 0.0
         self.max_rows = max_rows
-        self._free = statements
-        self._starting = False
         self._waiting: deque[_Waiting] = deque()
         self.max_waiting = max_waiting
         self._waiting_jobs = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
 
     async def insert(self, jobs: Sequence[db.NewJob], actor: str | None) -> dict[uuid.UUID, Job]:
         """Insert `jobs` (submitted by `actor`); the inserted rows by job id.
@@ -105,35 +100,21 @@ class GroupInsert:
             )
 
     def _kick(self) -> None:
-        """Start a statement for the waiting submits, unless one is about to take them
-        or as many as allowed are running."""
-        if self._waiting and self._free > 0 and not self._starting:
-            self._free -= 1
-            self._starting = True
-            task = asyncio.create_task(self._drain())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        """Start the statements' task for the waiting submits, unless it runs."""
+        if self._waiting and self._task is None:
+            self._task = asyncio.create_task(self._drain())
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        first = True
         try:
             while self._waiting:
                 pause = self._next_start - loop.time()
                 if pause > 0:
                     await asyncio.sleep(pause)
-                    continue  # another statement may have started meanwhile
                 self._next_start = loop.time() + self.interval_s
-                batch = self._take()
-                if first:
-                    first = False
-                    self._starting = False
-                    self._kick()  # later arrivals may use another statement meanwhile
-                await write_by_halves(batch, self._insert, _fail, "inserts")
+                await write_by_halves(self._take(), self._insert, _fail, "inserts")
         finally:
-            if first:
-                self._starting = False
-            self._free += 1
+            self._task = None
             self._kick()
 
     def _take(self) -> list[_Waiting]:
@@ -173,8 +154,8 @@ class GroupInsert:
 
     async def close(self) -> None:
         """Wait for the statements under way and what follows their commits."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 def _fail(batch: Sequence[_Waiting], exc: BaseException) -> None:

@@ -69,7 +69,7 @@ async def test_one_bad_row_fails_only_its_own_submit_in_a_shared_insert(
     engine: AsyncEngine, db: AsyncEngine
 ) -> None:
     statements: list[int] = []
-    inserts = GroupInsert(engine, statements=1, interval_s=0.3)
+    inserts = GroupInsert(engine, interval_s=0.3)
     real_insert = db_jobs.insert_jobs
 
     async def counting(*args: Any) -> list[Job]:
