@@ -33,7 +33,6 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
 
-import aiohttp
 import asyncpg
 
 from bench import (
@@ -99,6 +98,24 @@ def bench_env(worker_concurrency: int, quick: bool = False) -> dict[str, str]:
     if quick:
         env["CONVEYOR_RETRY_CAP_S"] = "2"
     return env
+
+
+@contextlib.contextmanager
+def bench_stack(worker_concurrency: int, quick: bool = False) -> Iterator[sandbox.Stack]:
+    """The stack under test, in a vhost and database of its own (named after this
+    process, so that a later run cleans up after one killed outright), with the
+    background services started and the worker not; stopped and removed afterwards."""
+    with sandbox.backing_services(f"{VHOST_PREFIX}-{os.getpid()}") as backing:
+        stack = sandbox.Stack(
+            backing, RUN_ROOT / str(os.getpid()), bench_env(worker_concurrency, quick)
+        )
+        try:
+            print(f"vhost and database: {backing.vhost}; logs in {stack.run.path}", flush=True)
+            for name in BACKGROUND_SERVICES:
+                stack.start(name)
+            yield stack
+        finally:
+            stack.stop_all()
 
 
 # --------------------------------------------------------------------------- leftovers
@@ -217,21 +234,15 @@ async def _run_scenarios(
     results: list[Result],
     repeat: int = 1,
 ) -> None:
-    dsn = stack.backing.database_url.replace("postgresql+asyncpg://", "postgresql://")
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-            ctx = Context(stack, counts, quick, pool, http)
-            for name in names:
-                runs: list[Result] = []
-                try:
-                    for _ in range(repeat):
-                        runs.append(await _run_one(ctx, SCENARIOS[name]))
-                finally:  # interrupted: the runs that finished still count
-                    if runs:
-                        results.append(median_of(runs))
-    finally:
-        await pool.close()
+    async with Context.open(stack, counts, quick) as ctx:
+        for name in names:
+            runs: list[Result] = []
+            try:
+                for _ in range(repeat):
+                    runs.append(await _run_one(ctx, SCENARIOS[name]))
+            finally:  # interrupted: the runs that finished still count
+                if runs:
+                    results.append(median_of(runs))
 
 
 async def _run_one(ctx: Context, module: ModuleType) -> Result:
@@ -364,20 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupted = False
     cleanup = contextlib.ExitStack()
     try:
-        backing = cleanup.enter_context(sandbox.backing_services(f"{VHOST_PREFIX}-{os.getpid()}"))
-        stack = sandbox.Stack(
-            backing, RUN_ROOT / str(os.getpid()), bench_env(args.worker_concurrency, args.quick)
-        )
-        cleanup.callback(stack.stop_all)
-        config["vhost"] = backing.vhost
+        stack = cleanup.enter_context(bench_stack(args.worker_concurrency, args.quick))
+        config["vhost"] = stack.backing.vhost
         config["env"] = {
             k: v
             for k, v in sorted(os.environ.items())
             if k.startswith("CONVEYOR_") and "URL" not in k
         }
-        print(f"vhost and database: {backing.vhost}; logs in {stack.run.path}", flush=True)
-        for name in BACKGROUND_SERVICES:
-            stack.start(name)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(_run_scenarios(stack, counts, args.quick, names, results, args.repeat))
     except KeyboardInterrupt:

@@ -20,21 +20,19 @@ It prints each figure's median for both, and Conveyor ÷ floor pair by pair, and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-import aiohttp
-import asyncpg
 import uvloop
 
 from bench import end_to_end, h2load, latency_floors, report
+from bench.__main__ import bench_stack
 from bench.floors import simulator_backing
 from bench.harness import Context, Counts, submit_load, summarize
 from bench.result import Result
@@ -50,34 +48,6 @@ FIGURES = (
     ("overhead at 50 jobs/s: p99", "overhead", "p99"),
     ("… of which queue wait: p50", "queue_wait", "p50"),
 )
-
-
-@contextlib.contextmanager
-def conveyor_stack(quick: bool) -> Iterator[sandbox.Stack]:
-    """The bench's Conveyor stack, but the worker, in a vhost and database of its own."""
-    from bench.__main__ import BACKGROUND_SERVICES, RUN_ROOT, VHOST_PREFIX, bench_env
-
-    with contextlib.ExitStack() as cleanup:
-        backing = cleanup.enter_context(
-            sandbox.backing_services(f"{VHOST_PREFIX}-floors-{os.getpid()}")
-        )
-        stack = sandbox.Stack(backing, RUN_ROOT / f"floors-{os.getpid()}", bench_env(1_000, quick))
-        cleanup.callback(stack.stop_all)
-        for name in BACKGROUND_SERVICES:
-            stack.start(name)
-        yield stack
-
-
-@contextlib.asynccontextmanager
-async def bench_context(stack: sandbox.Stack, quick: bool) -> AsyncIterator[Context]:
-    """What the bench's scenarios get (bench.harness.Context), for `stack`."""
-    dsn = stack.backing.database_url.replace("postgresql+asyncpg://", "postgresql://")
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-            yield Context(stack, Counts.quick() if quick else Counts(), quick, pool, http)
-    finally:
-        await pool.close()
 
 
 async def conveyor_figures(ctx: Context, calls: int, jobs: int) -> dict[str, Any]:
@@ -124,7 +94,7 @@ async def measure(
     jobs = min(500, max(20, calls // 10))
     processes = int(os.environ.get("CONVEYOR_GATEWAY_PROCESSES", str(os.cpu_count() or 1)))
     runs: list[dict[str, Any]] = []
-    async with bench_context(stack, quick) as ctx:
+    async with Context.open(stack, Counts.quick() if quick else Counts(), quick) as ctx:
         # Unmeasured: the gateway registers the bench's tenant and declares its queues on
         # its first submits, the services' pools fill; a floor server has nothing to warm.
         await conveyor_figures(ctx, min(calls, 1_000), 20)
@@ -176,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     machine = report.machine(ROOT)
     generator = "h2load" if h2load.available() else "Python clients"
-    with simulator_backing() as (backing, simulator), conveyor_stack(args.quick) as stack:
+    with simulator_backing() as (backing, simulator), bench_stack(1_000, args.quick) as stack:
         runs = uvloop.run(measure(backing, simulator, stack, args.pairs, args.quick))
     rows = table(runs)
     print(f"\nConveyor against its latency floors — {report.describe_machine(machine)}")

@@ -200,6 +200,20 @@ class Context:
         """Results of the scenarios that ran before, by name (storm compares to end-to-end)."""
         self._ids = itertools.count(1)
 
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls, stack: sandbox.Stack, counts: Counts, quick: bool
+    ) -> AsyncIterator[Context]:
+        """A context for `stack`, with its database pool and HTTP session, closed after."""
+        dsn = stack.backing.database_url.replace("postgresql+asyncpg://", "postgresql://")
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+                yield cls(stack, counts, quick, pool, http)
+        finally:
+            await pool.close()
+
     # -- addresses
 
     @property
