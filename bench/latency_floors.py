@@ -36,7 +36,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +50,7 @@ import uvloop
 
 from bench import h2load, report
 from bench.floors import MODEL, _floor_jobs, _request, simulator_backing
-from bench.harness import gateway_clients, submit_load, summarize
+from bench.harness import ResourceMeter, gateway_clients, submit_load, summarize
 from conveyor.bus import broker
 from conveyor.db import jobs as db
 from conveyor.v1 import jobs_pb2, jobs_pb2_grpc
@@ -73,8 +73,9 @@ _CLAIM_ONE = (
     " heartbeat_at = now(), started_at = now(), updated_at = now(), seq = seq + 1"
     " WHERE id = $1 AND status = 'pending'"
 )
-_FINISH_ONE = (
+_FINISH_ONE = (  # the row keeps the model call's own time ($3, ms) for the chain's figures
     "UPDATE jobs SET status = 'succeeded', result_text = $2, finished_at = now(),"
+    " result = jsonb_build_object('call_ms', $3::float8),"
     " lease_id = NULL, heartbeat_at = NULL, updated_at = now(), seq = seq + 1"
     " WHERE id = $1 AND status = 'running'"
 )
@@ -211,6 +212,8 @@ async def submit_floors(backing: sandbox.Backing, calls: int, processes: int) ->
         try:
             async with gateway_clients(target, processes * 2):
                 pass  # they are up
+            meter = ResourceMeter({f"server {i}": s.pid for i, s in enumerate(servers)})
+            meter.start()
             if h2load.available():
                 load = await h2load.submit_load(
                     target, _request(), calls, CLIENTS, rate=SUBMIT_RATE
@@ -218,10 +221,14 @@ async def submit_floors(backing: sandbox.Backing, calls: int, processes: int) ->
             else:
                 requests = [_request(i) for i in range(calls)]
                 load = await submit_load(target, requests, CLIENTS, rate=SUBMIT_RATE)
+            cpu = meter.stop()
             out[name] = {
                 "latency_ms": summarize(load.latencies_s, 1000.0),
                 "achieved_per_s": load.jobs_per_s,
                 "errors": load.errors,
+                "cpu": submit_cpu(
+                    cpu, calls, {"servers": [f"server {i}" for i in range(processes)]}
+                ),
             }
         finally:
             for server in servers:
@@ -231,6 +238,24 @@ async def submit_floors(backing: sandbox.Backing, calls: int, processes: int) ->
     out["load_generator"] = "h2load" if h2load.available() else "Python clients"
     out["processes"] = processes
     return out
+
+
+def submit_cpu(
+    cpu: Mapping[str, float], calls: int, groups: Mapping[str, Sequence[str]]
+) -> dict[str, float]:
+    """CPU ms per call from a ResourceMeter's figures over a submit load: the whole
+    machine's (`machine`, the load generator's included), how busy that kept it
+    (`machine_busy`: a share of all its cores over the load's wall time), Postgres',
+    RabbitMQ's, and the sum of each of `groups`' named processes."""
+    per_call = {
+        "machine": cpu.get("machine", 0.0) / calls,
+        "machine_busy": cpu.get("machine", 0.0) / max(1.0, cpu["wall"]) / (os.cpu_count() or 1),
+        "postgres": cpu.get("postgres", 0.0) / calls,
+        "rabbitmq": cpu.get("rabbitmq", 0.0) / calls,
+    }
+    for group, names in groups.items():
+        per_call[group] = sum(cpu.get(name, 0.0) for name in names) / calls
+    return per_call
 
 
 # --------------------------------------------------------------------------- a job's chain
@@ -252,6 +277,7 @@ async def _serve_worker(database_url: str, amqp_url: str, queue: str, simulator:
         async with pool.acquire() as conn:
             await conn.execute(_CLAIM_ONE, job_id)
         text = b""
+        called = time.perf_counter()
         async with client.messages.with_streaming_response.create(
             model=MODEL,
             max_tokens=64,
@@ -261,8 +287,9 @@ async def _serve_worker(database_url: str, amqp_url: str, queue: str, simulator:
         ) as response:
             async for chunk in response.http_response.aiter_bytes():
                 text += chunk
+        call_ms = (time.perf_counter() - called) * 1000.0
         async with pool.acquire() as conn:
-            await conn.execute(_FINISH_ONE, job_id, f"{len(text)} bytes")
+            await conn.execute(_FINISH_ONE, job_id, f"{len(text)} bytes", call_ms)
         await message.ack()
 
     running: set[asyncio.Task[None]] = set()
@@ -318,7 +345,8 @@ async def chain_floor(backing: sandbox.Backing, simulator: str, jobs: int) -> di
             while time.monotonic() < deadline:
                 rows = await pool.fetch(
                     "SELECT extract(epoch FROM finished_at - created_at) AS total,"
-                    " extract(epoch FROM started_at - created_at) AS queued FROM jobs"
+                    " extract(epoch FROM started_at - created_at) AS queued,"
+                    " (result->>'call_ms')::float8 AS call_ms FROM jobs"
                     " WHERE id = ANY($1::uuid[]) AND finished_at IS NOT NULL",
                     ids,
                 )
@@ -331,6 +359,8 @@ async def chain_floor(backing: sandbox.Backing, simulator: str, jobs: int) -> di
             "finished": len(rows),
             "overhead_ms": summarize((float(r["total"]) - model_s for r in rows), 1000.0),
             "queue_wait_ms": summarize((float(r["queued"]) for r in rows), 1000.0),
+            # The SDK's streamed call to the simulator, beyond the model's latency.
+            "model_call_ms": summarize((float(r["call_ms"]) - MODEL_LATENCY_MS for r in rows), 1.0),
         }
     finally:
         worker.terminate()
@@ -367,17 +397,21 @@ def print_figures(figures: dict[str, Any]) -> None:
         f"{submit['processes']} server processes):"
     )
     for name in SUBMIT_MODES:
-        lat = submit[name]["latency_ms"]
+        lat, cpu = submit[name]["latency_ms"], submit[name]["cpu"]
         print(
             f"  {name}: p50 {lat.get('p50', 0):.2f} ms  p99 {lat.get('p99', 0):.2f} ms"
-            f"  ({submit[name]['achieved_per_s']:,.0f}/s achieved)"
+            f"  ({submit[name]['achieved_per_s']:,.0f}/s achieved); CPU per call:"
+            f" machine {cpu['machine']:.3f} ms ({cpu['machine_busy']:.0%} busy),"
+            f" servers {cpu['servers']:.3f}, Postgres {cpu['postgres']:.3f},"
+            f" RabbitMQ {cpu['rabbitmq']:.3f}"
         )
     chain = figures["chain"]
-    over, queued = chain["overhead_ms"], chain["queue_wait_ms"]
+    over, queued, call = chain["overhead_ms"], chain["queue_wait_ms"], chain["model_call_ms"]
     print(
         f"a job's chain at {CHAIN_RATE:g}/s ({chain['finished']} of {chain['jobs']} jobs): "
         f"overhead p50 {over.get('p50', 0):.2f} ms  p99 {over.get('p99', 0):.2f} ms; "
-        f"of which queue wait p50 {queued.get('p50', 0):.2f} ms"
+        f"of which queue wait p50 {queued.get('p50', 0):.2f} ms, the model call beyond its"
+        f" {MODEL_LATENCY_MS:g} ms p50 {call.get('p50', 0):.2f} ms"
     )
 
 

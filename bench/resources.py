@@ -91,6 +91,13 @@ def postgres_ticks() -> int:
     return total
 
 
+def machine_busy_ticks() -> int:
+    """CPU ticks the whole machine has spent busy since boot, all cores and processes
+    (/proc/stat: user, nice, system, irq and softirq; not idle, iowait or steal)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
+
+
 def _parent_is(ppid: int, comm: str) -> bool:
     try:
         return Path(f"/proc/{ppid}/comm").read_text().strip() == comm
@@ -122,7 +129,8 @@ class ResourceMeter:
     now and then; a process first seen after `start()` counts from its birth). A
     service's child processes (a supervised gateway's) count as the service. The
     RabbitMQ and Postgres servers are measured whole: they are shared with anything
-    else that uses them on this machine. `client` is this benchmark process.
+    else that uses them on this machine. `client` is this benchmark process, `machine`
+    the whole machine's busy CPU (every process, a load generator's too).
     """
 
     def __init__(self, pids: Mapping[str, int] | Callable[[], Mapping[str, int]]) -> None:
@@ -143,6 +151,7 @@ class ResourceMeter:
             ticks[("rabbitmq", rabbit)] = cpu_ticks(rabbit)
         ticks[("postgres", 0)] = postgres_ticks()
         ticks[("client", os.getpid())] = cpu_ticks(os.getpid())
+        ticks[("machine", 0)] = machine_busy_ticks()
         return ticks
 
     def start(self) -> None:

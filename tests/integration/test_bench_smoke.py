@@ -105,9 +105,16 @@ def test_the_floor_measurements_run_and_write_their_figures(tmp_path: Path) -> N
         submit = latency["submit"][name]
         assert submit["errors"] == {}, (name, submit)
         assert submit["latency_ms"]["count"] > 0, name
+        # What each call cost: the servers' CPU, and the whole machine's.
+        cpu = submit["cpu"]
+        assert cpu["servers"] > 0 and cpu["machine"] > 0, (name, cpu)
+        assert 0 < cpu["machine_busy"] <= 1, (name, cpu)
     chain = latency["chain"]
     assert chain["finished"] == chain["jobs"], "every job of the chain was run and finished"
     assert chain["overhead_ms"]["p50"] > 0
+    # The model call's own part of it, timed by the chain's worker for every job.
+    assert chain["model_call_ms"]["count"] == chain["jobs"]
+    assert 0 < chain["model_call_ms"]["p50"] < chain["overhead_ms"]["p50"] + 1_000
 
 
 @pytest.mark.timeout(600)
@@ -127,10 +134,16 @@ def test_conveyor_and_its_latency_floors_are_measured_alternately_in_one_run(
     assert figures == [
         "SubmitJob offered 1,000/s: p50",
         "SubmitJob offered 1,000/s: p99",
+        "… CPU per call, whole machine",
+        "… of which the servers (gateway)",
+        "… how busy the machine was",
         "overhead at 50 jobs/s: p50",
         "overhead at 50 jobs/s: p99",
         "… of which queue wait: p50",
     ]
     for row in doc["table"]:
-        assert row["floor_ms"] > 0 and row["conveyor_ms"] > 0, row
+        assert row["floor"] > 0 and row["conveyor"] > 0, row
         assert len(row["ratios"]) == 1, row
+    # The gateway's CPU is read from its processes, the machine's from /proc/stat.
+    cpu = conveyor["submit_cpu"]
+    assert cpu["servers"] > 0 and cpu["machine"] > 0, cpu
