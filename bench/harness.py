@@ -308,7 +308,7 @@ class Context:
                 # before the tables its triggers write; locked after them, it deadlocked.
                 ordered = sorted((t["tablename"] for t in tables), key=lambda t: t != "jobs")
                 names = ", ".join(f'"{t}"' for t in ordered)
-                await conn.execute(f"TRUNCATE {names} CASCADE")
+                await _truncate(conn, names)
             await conn.execute("UPDATE tenants SET running = 0")
         await self.sim_set(**SIM_DEFAULTS, reset_stats=True)
         if worker:
@@ -400,3 +400,18 @@ class Context:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def _truncate(conn: asyncpg.Connection, names: str, tries: int = 5) -> None:
+    """TRUNCATE the tables `names`, tried again if Postgres ends it for a deadlock: the
+    services' own statements lock the same tables in other orders (the dispatcher's
+    batcher reads batches, then jobs; an outbox stamp writes jobs, then the tables of
+    its triggers), so no order of the TRUNCATE's avoids them all."""
+    for attempt in range(1, tries + 1):
+        try:
+            await conn.execute(f"TRUNCATE {names} CASCADE")
+            return
+        except asyncpg.exceptions.DeadlockDetectedError:
+            if attempt == tries:
+                raise
+            await asyncio.sleep(0.1 * attempt)
