@@ -69,7 +69,7 @@ async def conveyor_figures(ctx: Context, calls: int, jobs: int) -> dict[str, Any
     else:
         requests = [ctx.request(label="floors-submit") for _ in range(calls)]
         load = await submit_load(ctx.gateway, requests, clients, rate=rate)
-    cpu = latency_floors.submit_cpu(meter.stop(), calls, {"servers": ["gateway"]})
+    cpu = latency_floors.submit_cpu(meter.stop(), calls, ["gateway"])
     paced = await end_to_end._paced(
         ctx, Result("against-floors", ""), latency_floors.CHAIN_RATE, jobs, judged=False
     )

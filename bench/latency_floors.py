@@ -212,7 +212,8 @@ async def submit_floors(backing: sandbox.Backing, calls: int, processes: int) ->
         try:
             async with gateway_clients(target, processes * 2):
                 pass  # they are up
-            meter = ResourceMeter({f"server {i}": s.pid for i, s in enumerate(servers)})
+            pids = {f"server {i}": s.pid for i, s in enumerate(servers)}
+            meter = ResourceMeter(pids)
             meter.start()
             if h2load.available():
                 load = await h2load.submit_load(
@@ -226,9 +227,7 @@ async def submit_floors(backing: sandbox.Backing, calls: int, processes: int) ->
                 "latency_ms": summarize(load.latencies_s, 1000.0),
                 "achieved_per_s": load.jobs_per_s,
                 "errors": load.errors,
-                "cpu": submit_cpu(
-                    cpu, calls, {"servers": [f"server {i}" for i in range(processes)]}
-                ),
+                "cpu": submit_cpu(cpu, calls, list(pids)),
             }
         finally:
             for server in servers:
@@ -240,22 +239,18 @@ async def submit_floors(backing: sandbox.Backing, calls: int, processes: int) ->
     return out
 
 
-def submit_cpu(
-    cpu: Mapping[str, float], calls: int, groups: Mapping[str, Sequence[str]]
-) -> dict[str, float]:
+def submit_cpu(cpu: Mapping[str, float], calls: int, servers: Sequence[str]) -> dict[str, float]:
     """CPU ms per call from a ResourceMeter's figures over a submit load: the whole
     machine's (`machine`, the load generator's included), how busy that kept it
     (`machine_busy`: a share of all its cores over the load's wall time), Postgres',
-    RabbitMQ's, and the sum of each of `groups`' named processes."""
-    per_call = {
+    RabbitMQ's, and the `servers` processes' together (`servers`)."""
+    return {
         "machine": cpu.get("machine", 0.0) / calls,
         "machine_busy": cpu.get("machine", 0.0) / max(1.0, cpu["wall"]) / (os.cpu_count() or 1),
         "postgres": cpu.get("postgres", 0.0) / calls,
         "rabbitmq": cpu.get("rabbitmq", 0.0) / calls,
+        "servers": sum(cpu.get(name, 0.0) for name in servers) / calls,
     }
-    for group, names in groups.items():
-        per_call[group] = sum(cpu.get(name, 0.0) for name in names) / calls
-    return per_call
 
 
 # --------------------------------------------------------------------------- a job's chain
