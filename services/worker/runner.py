@@ -262,6 +262,12 @@ class JobRunner:
             base_seq=job.seq,
             renewed_at=claimed_at,
         )
+        earlier = self.inflight.get(job_id)
+        if earlier is not None:
+            # This claim took the job over from an earlier attempt still running here
+            # (its heartbeat had not yet seen the loss): no heartbeat looks at it once
+            # replaced, so its call is aborted now.
+            self.abort_lost(earlier, "taken over by a later attempt")
         self.inflight[job_id] = entry
         IN_FLIGHT.inc()
         try:

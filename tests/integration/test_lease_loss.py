@@ -85,20 +85,53 @@ async def _succeeded_once_after_one_lost_attempt(
     assert stats["completed"] == 1 and stats["client_disconnects"] == 1
 
 
-async def test_a_worker_whose_lease_was_taken_over_aborts_its_call_and_the_job_succeeds_once(
-    client: ConveyorClient, stack: Stack, db: AsyncEngine
-) -> None:
-    job_id = await _streaming(stack, client)
-    # As after a heartbeat lost for longer than the lease: the sweeper takes the job over.
+async def _take_over(db: AsyncEngine, job_id: str, lease_s: float) -> None:
+    """As after a heartbeat lost for longer than the lease: the sweeper takes the job
+    over, and the dispatcher's outbox publishes its next attempt."""
     async with db.connect() as conn:
         await conn.execute(
             sa.text("UPDATE jobs SET heartbeat_at = now() - interval '1 hour' WHERE id = :id"),
             {"id": uuid.UUID(job_id)},
         )
         await conn.commit()
-    await db_jobs.requeue_stalled(db, stack.settings.lease_s)
+    assert [j.id for j in await db_jobs.requeue_stalled(db, lease_s)] == [uuid.UUID(job_id)]
+
+
+async def test_a_worker_whose_lease_was_taken_over_aborts_its_call_and_the_job_succeeds_once(
+    client: ConveyorClient, stack: Stack, db: AsyncEngine
+) -> None:
+    job_id = await _streaming(stack, client)
+    await _take_over(db, job_id, stack.settings.lease_s)
     await eventually(lambda: _aborted(stack), within_s=30)
     assert "lease lost; model call aborted" in stack.log("worker")
+    await _succeeded_once_after_one_lost_attempt(stack, client, db, job_id)
+
+
+@pytest.fixture
+def rare_heartbeats(stack: Stack) -> Iterator[None]:
+    """The worker renews its leases every 30 s and the leases last 120 s, so within a
+    test no heartbeat (and no sweep) tells the worker that a lease was taken over."""
+    rare = {"CONVEYOR_LEASE_S": "120", "CONVEYOR_WORKER_HEARTBEAT_S": "30"}
+    for name in ("dispatcher", "worker"):
+        stack.stop(name)
+        stack.start(name, **rare)
+    try:
+        yield
+    finally:
+        for name in ("dispatcher", "worker"):
+            stack.stop(name)
+            stack.start(name)
+
+
+async def test_a_worker_that_claims_the_next_attempt_of_a_job_it_still_runs_aborts_the_earlier_call(
+    client: ConveyorClient, stack: Stack, db: AsyncEngine, rare_heartbeats: None
+) -> None:
+    job_id = await _streaming(stack, client)
+    await _take_over(db, job_id, stack.settings.lease_s)
+    # The next attempt reaches the same worker long before its next heartbeat: the claim
+    # itself ends the earlier call, which would otherwise stream to the end unwatched.
+    await eventually(lambda: _aborted(stack), within_s=30)
+    assert "taken over by a later attempt" in stack.log("worker")
     await _succeeded_once_after_one_lost_attempt(stack, client, db, job_id)
 
 
