@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -154,7 +153,7 @@ def _value(value: float, unit: str) -> str:
 def print_model_call(runs: list[dict[str, Any]]) -> None:
     """What the floor's model call alone took beyond the model's latency: a part of the
     overhead floor that no job system can avoid with this SDK and this simulator."""
-    call = statistics.median(r["floor"]["model_call"].get("p50", math.nan) for r in runs)
+    call = statistics.median(r["floor"]["model_call"].get("p50", float("nan")) for r in runs)
     print(
         f"In the overhead floor, the model call itself (the SDK's streamed request to the"
         f" simulator) took {call:.2f} ms beyond its {latency_floors.MODEL_LATENCY_MS:g} ms"
